@@ -1,0 +1,5 @@
+import sys
+
+from biometry.cli import main
+
+sys.exit(main())
