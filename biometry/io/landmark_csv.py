@@ -1,0 +1,160 @@
+"""The landmark CSV: ``image,pixel_mm,bpd_x1,...,ofd_y2`` and optionally ``subject,hc_mm``.
+
+``image`` is relative to the CSV's folder and must stay inside it; coordinates are original image
+pixels (x right, y down, pixel centres at integers), so they lie in ``[-0.5, W - 0.5]`` and
+``[-0.5, H - 0.5]``.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from biometry.errors import BiometryInputError
+from biometry.io.images import link_or_copy, read_grayscale
+from biometry.records import LandmarkRecord
+
+COORD_COLUMNS = ("bpd_x1", "bpd_y1", "bpd_x2", "bpd_y2", "ofd_x1", "ofd_y1", "ofd_x2", "ofd_y2")
+REQUIRED_COLUMNS = ("image", "pixel_mm", *COORD_COLUMNS)
+COLUMNS = (*REQUIRED_COLUMNS, "subject", "hc_mm")
+IMAGES_DIR = "images"
+
+
+def default_subject(name: str) -> str:
+    """The HC18 rule: the number before the first underscore (``017_2HC.png`` -> ``017``), else
+    the file stem."""
+    stem = Path(name).stem
+    match = re.match(r"^(\d+)_", stem)
+    return match.group(1) if match else stem
+
+
+def read_landmark_csv(path: Path, *, skip_bad: bool = False):
+    """Read a landmark CSV: ``(records, skipped)`` with ``skipped = [(item, reason)]``.
+
+    Every image is decoded once (unreadable files are found here). A bad row raises
+    :class:`BiometryInputError` naming the file, row (1-based, header excluded) and column, or is
+    skipped when ``skip_bad``; a missing file or column always raises.
+    """
+    rows = _read_rows(path)
+    folder = path.resolve().parent
+    records, skipped = [], []
+    for row_no, row in enumerate(rows, start=1):
+        try:
+            records.append(_parse_row(row, row_no=row_no, csv_path=path, folder=folder))
+        except BiometryInputError as err:
+            if not skip_bad:
+                raise
+            skipped.append((f"{path} row {row_no}", str(err)))
+    return records, skipped
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise BiometryInputError(f"{path}: landmark CSV not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise BiometryInputError(
+                f"{path}: missing column '{missing[0]}' (the header has: {','.join(header) or 'nothing'})"
+            )
+        reader.fieldnames = header
+        rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    if not rows:
+        raise BiometryInputError(f"{path}: no data rows")
+    return rows
+
+
+def _parse_row(row: dict[str, str], *, row_no: int, csv_path: Path, folder: Path) -> LandmarkRecord:
+    name = row["image"]
+    where = f"{csv_path}: row {row_no} ({name or 'no image'})"
+    if not name:
+        raise BiometryInputError(f"{csv_path}: row {row_no}: column 'image' is empty")
+    image_path = (folder / name).resolve()
+    if not image_path.is_relative_to(folder):
+        raise BiometryInputError(f"{where}: column 'image' leaves the data folder {folder}")
+    pixel_mm = _number(row, "pixel_mm", where)
+    if not pixel_mm > 0:
+        raise BiometryInputError(f"{where}: column 'pixel_mm' must be > 0, got {row['pixel_mm']}")
+    coords = np.array([_number(row, c, where) for c in COORD_COLUMNS]).reshape(4, 2)
+    hc_mm = _number(row, "hc_mm", where) if row.get("hc_mm") else None
+    if hc_mm is not None and not hc_mm > 0:
+        raise BiometryInputError(f"{where}: column 'hc_mm' must be > 0, got {row['hc_mm']}")
+    try:
+        height, width = read_grayscale(image_path).shape
+    except BiometryInputError as err:
+        raise BiometryInputError(f"{where}: {err}") from None
+    for column, value in zip(COORD_COLUMNS, coords.ravel()):
+        limit = (width if column[4] == "x" else height) - 0.5
+        if not -0.5 <= value <= limit:
+            raise BiometryInputError(
+                f"{where}: column '{column}' = {value:g} is outside the {width}x{height} image"
+            )
+    return LandmarkRecord(
+        image=image_path,
+        landmarks=coords,
+        pixel_mm=pixel_mm,
+        subject=row.get("subject") or default_subject(name),
+        name=name,
+        hc_mm=hc_mm,
+        image_size=(height, width),
+    )
+
+
+def _number(row: dict[str, str], column: str, where: str) -> float:
+    text = row.get(column, "")
+    try:
+        value = float(text)
+    except ValueError:
+        raise BiometryInputError(f"{where}: column '{column}' is not a number: '{text}'") from None
+    if not math.isfinite(value):
+        raise BiometryInputError(f"{where}: column '{column}' is {text or 'empty'}")
+    return value
+
+
+def write_landmark_csv(
+    records: Iterable[LandmarkRecord], path: str | Path, *, link_images: bool = False
+) -> Path:
+    """Write ``records`` as a landmark CSV (with ``subject`` and ``hc_mm``) that loads back to the
+    same landmarks (coordinates to 1e-4 px).
+
+    ``image`` is written relative to the CSV's folder. An image outside that folder raises
+    ``ValueError``, unless ``link_images``: then it is hard-linked (or copied) to
+    ``images/<record.name>`` beside the CSV, so the CSV stays self-contained. Returns ``path``.
+    """
+    path = Path(path)
+    folder = path.resolve().parent
+    lines = []
+    for r in records:
+        image = Path(r.image).resolve()
+        if not image.is_relative_to(folder):
+            if not link_images:
+                raise ValueError(f"{image} is not inside {folder}: pass link_images=True")
+            target = folder / IMAGES_DIR / _link_name(r.name, image)
+            link_or_copy(image, target)
+            image = target
+        lm = np.asarray(r.landmarks, dtype=float).ravel()
+        lines.append([
+            Path(os.path.relpath(image, folder)).as_posix(),
+            f"{r.pixel_mm:.12g}",
+            *(f"{v:.4f}" for v in lm),
+            r.subject,
+            "" if r.hc_mm is None else f"{r.hc_mm:.4f}",
+        ])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        writer.writerows(lines)
+    return path
+
+
+def _link_name(name: str, image: Path) -> Path:
+    rel = Path(name)
+    return Path(image.name) if rel.is_absolute() or ".." in rel.parts else rel
