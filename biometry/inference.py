@@ -1,0 +1,181 @@
+"""Model folders (``model.pt`` + ``model.yaml``) and the one prediction path used everywhere.
+
+Training validation, ``evaluate`` and ``predict`` all go through :class:`LandmarkPredictor`, so the
+numbers a search reports are the numbers a user gets.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from biometry.codec import HeatmapCodec, soft_argmax
+from biometry.errors import BiometryInputError
+from biometry.models import create_model
+from biometry.transforms import Orientation, letterbox, zscore
+from biometry.uncertainty import image_uncertainty
+
+MODEL_FORMAT = "biometry-model/1"
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model and decode its output (``model.yaml``)."""
+
+    architecture: str
+    model_kwargs: dict[str, Any]
+    input_hw: tuple[int, int]
+    stride: int
+    sigma: float
+    softargmax_beta: float
+    orientation: dict[str, Any]
+    flip_tta: bool = False
+    uncertainty_threshold: float | None = None
+    coverage_target: float = 0.9
+    metrics: dict[str, float] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # source and split of the training data
+    trial_config: dict[str, Any] = field(default_factory=dict)
+    format: str = MODEL_FORMAT
+
+    def codec(self) -> HeatmapCodec:
+        return HeatmapCodec(input_hw=tuple(self.input_hw), stride=self.stride, sigma=self.sigma)
+
+
+def save_model_folder(folder: str | Path, model: torch.nn.Module, spec: ModelSpec) -> Path:
+    """Write ``model.pt`` (a plain state dict) and ``model.yaml``; return the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, folder / "model.pt.tmp")
+    (folder / "model.pt.tmp").replace(folder / "model.pt")
+    data = asdict(spec)
+    data["input_hw"] = list(spec.input_hw)
+    (folder / "model.yaml").write_text(yaml.safe_dump(_plain(data), sort_keys=False))
+    return folder
+
+
+def load_model_spec(folder: str | Path) -> ModelSpec:
+    folder = Path(folder)
+    spec_path = folder / "model.yaml"
+    if not spec_path.is_file():
+        raise BiometryInputError(f"{spec_path}: not found (a model folder holds model.pt and "
+                                 f"model.yaml, e.g. runs/NAME/best)")
+    try:
+        raw = yaml.safe_load(spec_path.read_text())
+    except yaml.YAMLError as err:
+        raise BiometryInputError(f"{spec_path}: invalid YAML ({err})") from None
+    if not isinstance(raw, dict) or raw.get("format") != MODEL_FORMAT:
+        raise BiometryInputError(f"{spec_path}: 'format' must be {MODEL_FORMAT}")
+    known = set(ModelSpec.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise BiometryInputError(f"{spec_path}: unknown key '{unknown[0]}'")
+    try:
+        spec = ModelSpec(**raw)
+    except TypeError as err:
+        raise BiometryInputError(f"{spec_path}: {err}") from None
+    spec.input_hw = tuple(spec.input_hw)
+    return spec
+
+
+def load_model_folder(folder: str | Path, *, device: str | torch.device = "cpu"):
+    """Rebuild the model from ``model.yaml`` and load ``model.pt`` with ``weights_only=True``."""
+    folder = Path(folder)
+    spec = load_model_spec(folder)
+    weights = folder / "model.pt"
+    if not weights.is_file():
+        raise BiometryInputError(f"{weights}: not found")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt file
+        raise BiometryInputError(f"{weights}: cannot load weights ({type(err).__name__})") from None
+    model = create_model(spec.architecture, **spec.model_kwargs)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise BiometryInputError(f"{weights}: weights do not match {spec.architecture} "
+                                 f"{spec.model_kwargs}") from None
+    return model.to(device).eval(), spec
+
+
+def decode_coords(heatmaps: torch.Tensor, codec: HeatmapCodec, *, beta: float) -> torch.Tensor:
+    """(B, 4, h, w) raw model output -> (B, 4, 2) input-pixel coordinates (differentiable)."""
+    return codec.to_input_coords(soft_argmax(heatmaps.float(), beta=beta))
+
+
+class LandmarkPredictor:
+    """Run a model on images: letterbox, z-score, forward, soft-argmax, back to original pixels.
+
+    Example::
+
+        predictor = LandmarkPredictor.from_folder("runs/NAME/best")
+        coords, uncertainty = predictor.predict([image])  # original pixels, (N, 4, 2) and (N,)
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, *, device: str | torch.device = "cpu",
+                 flip_tta: bool | None = None):
+        self.model = model.eval()
+        self.spec = spec
+        self.device = torch.device(device)
+        self.codec = spec.codec()
+        self.orientation = Orientation.from_dict(spec.orientation)
+        self.flip_tta = spec.flip_tta if flip_tta is None else flip_tta
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, device: str = "cpu", flip_tta: bool | None = None):
+        model, spec = load_model_folder(folder, device=device)
+        return cls(model, spec, device=device, flip_tta=flip_tta)
+
+    @torch.no_grad()
+    def predict_input(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 1, H, W) z-scored input -> (coords (B, 4, 2) input px, uncertainty (B,))."""
+        batch = batch.to(self.device)
+        heatmaps = self.model(batch).float()
+        coords = decode_coords(heatmaps, self.codec, beta=self.spec.softargmax_beta)
+        uncertainty = image_uncertainty(heatmaps, beta=self.spec.softargmax_beta,
+                                        stride=self.spec.stride)
+        coords = self.orientation.apply(coords.cpu().numpy())
+        uncertainty = np.asarray(uncertainty.cpu() if torch.is_tensor(uncertainty) else uncertainty)
+        if self.flip_tta:
+            flipped = self.model(torch.flip(batch, dims=[3])).float()
+            coords_f = decode_coords(flipped, self.codec, beta=self.spec.softargmax_beta)
+            coords_f = coords_f.cpu().numpy()
+            coords_f[..., 0] = self.spec.input_hw[1] - 1 - coords_f[..., 0]
+            coords = 0.5 * (coords + self.orientation.apply(coords_f))
+        return coords, uncertainty
+
+    def predict(self, images: list[np.ndarray], *, batch_size: int = 16):
+        """Original uint8 images of any size -> (coords (N, 4, 2) original px, uncertainty (N,))."""
+        coords, uncertainty = [], []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            boxed = [letterbox(img, None, self.spec.input_hw) for img in chunk]
+            batch = torch.from_numpy(np.stack([zscore(b[0]) for b in boxed]))[:, None]
+            pred, unc = self.predict_input(batch)
+            for i, (_, _, box) in enumerate(boxed):
+                coords.append(box.to_original(pred[i]))
+            uncertainty.append(unc)
+        return np.stack(coords), np.concatenate(uncertainty)
+
+    def flagged(self, uncertainty: np.ndarray) -> np.ndarray:
+        threshold = self.spec.uncertainty_threshold
+        if threshold is None:
+            return np.zeros(len(uncertainty), dtype=int)
+        return (np.asarray(uncertainty) > threshold).astype(int)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars/arrays and tuples -> YAML-safe Python."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,118 @@
+"""The trial without Ray: config validation, a short training run, checkpoint and resume."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from biometry.errors import BiometryInputError
+from trainables.config import config_from_dict, load_config
+from trainables.data import prepare_splits
+from trainables.train import OBJECTIVE, TRAINER_STATE, run_trial
+
+REPO = Path(__file__).resolve().parents[1]
+MM_METRICS = ["val_measure_l1_mm", "bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", "bpd_median_mm",
+              "hc_bias_mm", "ofd_loa_low_mm", "ofd_loa_high_mm", "nme", "unc_spearman", "aurc"]
+
+
+def tiny_config(path, **train):
+    return config_from_dict({
+        "data": {"path": str(path), "input_h": 64, "input_w": 96},
+        "model": {"name": "unet", "width": 8, "depth": 3, "output_stride": 2},
+        "loss": {"heatmap_weight": 1.0, "coord_weight": 1.0},
+        "train": {"epochs": 2, "batch_size": 4, "lr": 3e-3, "num_workers": 0, "threads": 2,
+                  "device": "cpu", **train},
+    }, source="test")
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"trian": {}}, "unknown key 'trian'"),
+    ({"train": {"lrr": 1}}, "unknown key 'train.lrr'"),
+    ({"train": {"epochs": "ten"}}, "'train.epochs' must be int"),
+    ({"train": {"epochs": 0}}, "'train.epochs' must be >= 1"),
+    ({"model": {"name": "resnet"}}, "'model.name' must be one of"),
+    ({"augment": {"scale_min": 1.2, "scale_max": 1.1}}, "scale_min"),
+    ({"loss": {"angle_weight": -1.0}}, "angle_weight"),
+])
+def test_config_errors_name_the_key(raw, message):
+    with pytest.raises(BiometryInputError, match=message.replace("(", r"\(")):
+        config_from_dict(raw, source="x.yaml")
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: [1,\n")
+    with pytest.raises(BiometryInputError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_two_epochs_lower_the_loss_and_resume_at_epoch_three(synthetic_csv, tmp_path):
+    cfg = tiny_config(synthetic_csv)
+    data = prepare_splits(cfg.data)
+    reports = []
+
+    def keep(metrics, folder):
+        reports.append(dict(metrics))
+
+    run_trial(cfg, data=data, out_dir=tmp_path / "a", reporter=keep, log=lambda _: None)
+    assert [r["epoch"] for r in reports] == [1, 2]
+    assert reports[1]["train_loss_total"] < reports[0]["train_loss_total"]
+
+    run_trial(cfg, data=data, out_dir=tmp_path / "b", log=lambda _: None)  # standalone: folders
+    checkpoint = tmp_path / "b" / "checkpoint"
+    assert (checkpoint / TRAINER_STATE).is_file() and (tmp_path / "b" / "best" / "model.pt").is_file()
+
+    longer = tiny_config(synthetic_csv, epochs=3)
+    resumed = []
+    run_trial(longer, data=data, out_dir=tmp_path / "b", resume_from=checkpoint,
+              reporter=lambda m, f: resumed.append(dict(m)), log=lambda _: None)
+    assert [r["epoch"] for r in resumed] == [3]
+
+
+def test_resume_refuses_another_model(synthetic_csv, tmp_path):
+    cfg = tiny_config(synthetic_csv, epochs=1)
+    run_trial(cfg, out_dir=tmp_path, log=lambda _: None)
+    other = config_from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "width": 16}})
+    with pytest.raises(BiometryInputError, match="checkpoint was trained with model"):
+        run_trial(other, out_dir=tmp_path, resume_from=tmp_path / "checkpoint", log=lambda _: None)
+
+
+def test_repeatable_on_cpu(synthetic_csv, tmp_path):
+    cfg = tiny_config(synthetic_csv, epochs=1)
+    data = prepare_splits(cfg.data)
+    first = run_trial(cfg, data=data, out_dir=tmp_path / "1", log=lambda _: None)
+    second = run_trial(cfg, data=data, out_dir=tmp_path / "2", log=lambda _: None)
+    assert first[OBJECTIVE] == pytest.approx(second[OBJECTIVE], rel=1e-6)
+
+
+def test_short_run_on_real_hc18_reports_every_metric_in_mm(hc18_dir, tmp_path):
+    cfg = tiny_config(hc18_dir, epochs=1)
+    cfg.data.limit = 40
+    best = run_trial(cfg, out_dir=tmp_path, log=lambda _: None)
+    for name in MM_METRICS:
+        assert name in best, name
+    assert 0 < best["bpd_l1_mm"] < 200 and 0 < best["hc_l1_mm"] < 600
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics[OBJECTIVE] == pytest.approx(best[OBJECTIVE])
+
+
+def test_command_line_smoke_config(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainables.train", "--config",
+                           str(REPO / "configs/trial/smoke.yaml"), "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert OBJECTIVE in json.loads((tmp_path / "metrics.json").read_text())
+    assert (tmp_path / "best" / "model.yaml").is_file()
+
+
+def test_command_line_bad_config_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: resnet}\n")
+    proc = subprocess.run([sys.executable, "-m", "trainables.train", "--config", str(bad),
+                           "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "model.name" in proc.stderr

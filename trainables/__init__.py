@@ -1,0 +1,1 @@
+"""One trial: config -> data -> model -> train loop -> per-epoch report and checkpoint."""

@@ -1,0 +1,243 @@
+"""One trial's configuration: typed dataclasses loaded from YAML and validated with exact messages.
+
+A trial config has five sections. Every key is optional (defaults below); an unknown key, a wrong
+type or an out-of-range value raises :class:`BiometryInputError` naming the file and the key::
+
+    data:    {path: null, input_h: 128, input_w: 192, split_seed: 0, exclude_outliers: 0.0}
+    model:   {name: unet, width: 16, depth: 4, output_stride: 2, options: {}}
+    augment: {...}   # biometry.transforms.AugmentConfig
+    loss:    {...}   # biometry.losses.LossConfig
+    train:   {epochs: 30, batch_size: 16, lr: 2e-3, ...}
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from biometry.errors import BiometryInputError
+from biometry.losses import LossConfig
+from biometry.transforms import AugmentConfig
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # HC18 folder or landmark CSV; None = the bundled HC18 sample
+    input_h: int = 128
+    input_w: int = 192
+    split_seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    exclude_outliers: float = 0.0  # drop this top fraction of training labels by outlier score
+    limit: int = 0  # use only the first N records (0 = all); for tests and quick looks
+
+    def validate(self) -> None:
+        _check(self.input_h >= 32 and self.input_w >= 32, "data.input_h/input_w", "must be >= 32",
+               (self.input_h, self.input_w))
+        _check(0 < self.val_fraction < 1, "data.val_fraction", "must be in (0, 1)", self.val_fraction)
+        _check(0 <= self.test_fraction < 1, "data.test_fraction", "must be in [0, 1)",
+               self.test_fraction)
+        _check(0 <= self.exclude_outliers < 0.5, "data.exclude_outliers", "must be in [0, 0.5)",
+               self.exclude_outliers)
+        _check(self.limit >= 0, "data.limit", "cannot be negative", self.limit)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet"
+    width: int = 16
+    depth: int = 4
+    output_stride: int = 2
+    options: dict[str, Any] = field(default_factory=dict)  # architecture-specific keyword arguments
+
+    def validate(self) -> None:
+        from biometry.models import list_models
+
+        _check(self.name in list_models(), "model.name",
+               f"must be one of {', '.join(list_models())}", self.name)
+        _check(self.width >= 4, "model.width", "must be >= 4", self.width)
+        _check(self.depth >= 1, "model.depth", "must be >= 1", self.depth)
+        _check(self.output_stride in (1, 2, 4), "model.output_stride", "must be 1, 2 or 4",
+               self.output_stride)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"width": self.width, "depth": self.depth, "output_stride": self.output_stride,
+                **self.options}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    min_lr_ratio: float = 0.02  # cosine schedule ends at lr * min_lr_ratio
+    grad_clip: float = 1.0
+    sigma: float = 2.0  # heatmap Gaussian sigma in heatmap pixels
+    softargmax_beta: float = 20.0
+    flip_tta: bool = False
+    num_workers: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # only on CUDA
+    channels_last: bool = True  # only on CUDA
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    coverage_target: float = 0.9  # uncertainty threshold keeps this share of validation images
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _check(self.lr > 0, "train.lr", "must be positive", self.lr)
+        _check(self.weight_decay >= 0, "train.weight_decay", "cannot be negative", self.weight_decay)
+        _check(self.warmup_epochs >= 0, "train.warmup_epochs", "cannot be negative",
+               self.warmup_epochs)
+        _check(0 < self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in (0, 1]",
+               self.min_lr_ratio)
+        _check(self.sigma > 0, "train.sigma", "must be positive", self.sigma)
+        _check(self.softargmax_beta > 0, "train.softargmax_beta", "must be positive",
+               self.softargmax_beta)
+        _check(self.num_workers >= 0, "train.num_workers", "cannot be negative", self.num_workers)
+        _check(self.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda",
+               self.device)
+        _check(0 < self.coverage_target <= 1, "train.coverage_target", "must be in (0, 1]",
+               self.coverage_target)
+
+
+@dataclass
+class TrialConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return (self.data.input_h, self.data.input_w)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"model.name": "unet", ...}``: for MLflow params and tables."""
+        return dict(_flatten(self.to_dict()))
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(TrialConfig)}
+
+
+def config_from_dict(raw: dict[str, Any] | None, *, source: str = "config") -> TrialConfig:
+    """Build and validate a :class:`TrialConfig`; errors name ``source`` and the dotted key."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise BiometryInputError(f"{source}: the top level must be a mapping of sections "
+                                 f"({', '.join(SECTIONS)}) but got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise BiometryInputError(f"{source}: unknown key '{unknown[0]}'; "
+                                 f"sections are {', '.join(SECTIONS)}")
+    sections = {name: _section_from_dict(name, factory, raw.get(name), source)
+                for name, factory in SECTIONS.items()}
+    cfg = TrialConfig(**sections)
+    for name in ("data", "model", "train"):
+        try:
+            getattr(cfg, name).validate()
+        except BiometryInputError as err:
+            raise BiometryInputError(f"{source}: {err}") from None
+    return cfg
+
+
+def load_config(path: str | Path, *, overrides: dict[str, Any] | None = None) -> TrialConfig:
+    """Read a trial YAML (``yaml.safe_load``) and apply dotted ``overrides`` such as
+    ``{"data.path": "/x"}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise BiometryInputError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise BiometryInputError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    return config_from_dict(raw, source=str(path))
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    node = raw.setdefault(section, {})
+    if node is None:
+        node = raw[section] = {}
+    node[key] = value
+
+
+def _section_from_dict(name: str, factory, values: Any, source: str):
+    default = factory()
+    if values is None:
+        return default
+    if not isinstance(values, dict):
+        raise BiometryInputError(f"{source}: '{name}' must be a mapping but got "
+                                 f"{type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(default)}
+    hints = typing.get_type_hints(type(default))
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise BiometryInputError(f"{source}: unknown key '{name}.{key}'; known keys: "
+                                     f"{', '.join(fields)}")
+        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}", source)
+    try:
+        return dataclasses.replace(default, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise BiometryInputError(f"{source}: {name}: {err}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Accept ints for floats and lists for tuples; refuse anything else of the wrong type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise BiometryInputError(f"{source}: '{key}' must be finite but got {value}")
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    if origin in (tuple, list) and isinstance(value, (list, tuple)):
+        item = args[0] if args else Any
+        items = [_coerce(v, item, key, source) if item is not Any and item is not Ellipsis else v
+                 for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict and isinstance(value, dict):
+        return dict(value)
+    if hint is Any:
+        return value
+    expected = getattr(hint, "__name__", str(hint))
+    raise BiometryInputError(f"{source}: '{key}' must be {expected} but got "
+                             f"{type(value).__name__} {value!r}")
+
+
+def _check(ok: bool, key: str, requirement: str, value: Any) -> None:
+    if not ok:
+        raise BiometryInputError(f"'{key}' {requirement} but got {value!r}.")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

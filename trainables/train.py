@@ -1,0 +1,303 @@
+"""One trial, no Ray: config -> data -> model -> train loop -> per-epoch report and checkpoint.
+
+    python -m trainables.train --config configs/trial/smoke.yaml [--data PATH] [--out DIR]
+
+The search calls :func:`run_trial` inside a Ray worker with a reporter that forwards each epoch to
+Ray Tune; run alone, each epoch is printed and the latest checkpoint, the best model folder and
+``metrics.json`` land in ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from biometry.errors import BiometryInputError
+from biometry.inference import LandmarkPredictor, ModelSpec, decode_coords, save_model_folder
+from biometry.losses import biometry_loss
+from biometry.metrics import summarize
+from biometry.models import create_model
+from trainables.config import TrialConfig, load_config
+from trainables.data import HeatmapDataset, PreparedImages, PreparedSplits, prepare_splits
+
+OBJECTIVE = "val_measure_l1_mm"
+TRAINER_STATE = "trainer.pt"
+
+# reporter(metrics, checkpoint_dir): called once per epoch; the folder is only valid during the call
+Reporter = Callable[[dict, Path], None]
+
+
+@dataclass
+class TrainerState:
+    epoch: int = 0  # last finished epoch
+    best_value: float = math.inf
+    best_epoch: int = 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BiometryInputError("'train.device' is cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int, seed: int,
+                pin_memory: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+                      num_workers=num_workers, persistent_workers=num_workers > 0,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
+
+
+def evaluate_split(predictor: LandmarkPredictor, images: PreparedImages, *,
+                   batch_size: int = 32) -> tuple[dict, np.ndarray]:
+    """Validation metrics in mm (original pixels and spacing) and per-image uncertainty."""
+    from biometry.transforms import zscore
+
+    coords, uncertainty = [], []
+    for start in range(0, len(images), batch_size):
+        batch = np.stack([zscore(img) for img in images.images[start:start + batch_size]])
+        pred, unc = predictor.predict_input(torch.from_numpy(batch)[:, None])
+        coords.append(pred)
+        uncertainty.append(unc)
+    pred_original = images.to_original(np.concatenate(coords))
+    uncertainty = np.concatenate(uncertainty)
+    summary = summarize(pred_original, images.original, images.pixel_mm, uncertainty=uncertainty)
+    return summary.as_dict(), uncertainty
+
+
+def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: str | Path,
+              reporter: Reporter | None = None, resume_from: str | Path | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Train one config; return the best epoch's metrics. See the module docstring."""
+    out_dir = Path(out_dir)
+    seed_everything(cfg.train.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    on_cuda = device.type == "cuda"
+
+    # data: decoded once (or handed in by the search), augmented in workers
+    data = data or prepare_splits(cfg.data)
+    if tuple(data.input_hw) != cfg.input_hw:
+        raise BiometryInputError(f"data prepared at {data.input_hw} but the config asks for "
+                                 f"{cfg.input_hw} (data.input_h/input_w)")
+    spec = ModelSpec(architecture=cfg.model.name, model_kwargs=cfg.model.kwargs(),
+                     input_hw=cfg.input_hw, stride=cfg.model.output_stride, sigma=cfg.train.sigma,
+                     softargmax_beta=cfg.train.softargmax_beta,
+                     orientation=data.orientation.to_dict(), flip_tta=cfg.train.flip_tta,
+                     coverage_target=cfg.train.coverage_target,
+                     data={"source": data.source, "split_seed": cfg.data.split_seed,
+                           "val_fraction": cfg.data.val_fraction,
+                           "test_fraction": cfg.data.test_fraction},
+                     trial_config=cfg.to_dict())
+    codec = spec.codec()
+    train_set = HeatmapDataset(data.train, codec=codec, orientation=data.orientation,
+                               augment=cfg.augment)
+    loader = make_loader(train_set, batch_size=min(cfg.train.batch_size, len(train_set)),
+                         shuffle=True, num_workers=cfg.train.num_workers, seed=cfg.train.seed,
+                         pin_memory=on_cuda)
+
+    # model, optimizer, schedule
+    model = create_model(cfg.model.name, **cfg.model.kwargs()).to(device)
+    if on_cuda and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay)
+    steps_per_epoch = len(loader)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, total_steps=cfg.train.epochs * steps_per_epoch,
+        warmup_steps=cfg.train.warmup_epochs * steps_per_epoch, min_ratio=cfg.train.min_lr_ratio))
+    amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    use_amp = on_cuda and cfg.train.amp
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    state = TrainerState()
+    if resume_from is not None:
+        state = load_trainer_state(resume_from, model, optimizer, schedule, cfg)
+        log(f"resumed from {resume_from} after epoch {state.epoch}")
+    predictor = LandmarkPredictor(model, spec, device=device)
+
+    best_metrics: dict = {}
+    for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
+        started = time.perf_counter()
+        loader.generator.manual_seed(cfg.train.seed * 100003 + epoch)
+
+        # train one epoch: forward, loss, backward, clip, step
+        model.train()
+        sums: dict[str, float] = {}
+        for images, heatmaps, keypoints in loader:
+            images = images.to(device, non_blocking=True)
+            if on_cuda and cfg.train.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            heatmaps, keypoints = heatmaps.to(device), keypoints.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                pred = model(images)
+            pred = pred.float()
+            coords = decode_coords(pred, codec, beta=cfg.train.softargmax_beta)
+            loss, terms = biometry_loss(pred, heatmaps, coords, keypoints, cfg.loss,
+                                        coord_scale=float(cfg.input_hw[1]))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss ({loss.item()}) at epoch "
+                                         f"{epoch}; lower train.lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        train_seconds = time.perf_counter() - started
+
+        # validate in mm and choose the uncertainty threshold for the target coverage
+        model.eval()
+        metrics, uncertainty = evaluate_split(predictor, data.val)
+        spec.uncertainty_threshold = float(np.quantile(uncertainty, cfg.train.coverage_target))
+        spec.metrics = {k: float(v) for k, v in metrics.items()}
+        metrics.update({f"train_loss_{k}": v / max(1, steps_per_epoch) for k, v in sums.items()})
+        value = metrics[OBJECTIVE]
+        if math.isfinite(value) and value < state.best_value:
+            state.best_value, state.best_epoch = value, epoch
+            best_metrics = dict(metrics)
+        state.epoch = epoch
+        metrics.update({
+            "epoch": epoch,
+            "lr": optimizer.param_groups[0]["lr"],
+            f"best_{OBJECTIVE}": state.best_value,
+            "best_epoch": state.best_epoch,
+            "epoch_seconds": time.perf_counter() - started,
+            "train_images_per_s": len(loader) * loader.batch_size / max(train_seconds, 1e-9),
+        })
+        log(f"epoch {epoch}/{cfg.train.epochs}  loss {metrics.get('train_loss_total', 0):.4f}  "
+            f"{OBJECTIVE} {value:.3f}  bpd {metrics['bpd_l1_mm']:.2f}  "
+            f"ofd {metrics['ofd_l1_mm']:.2f}  hc {metrics['hc_l1_mm']:.2f} mm  "
+            f"({metrics['epoch_seconds']:.1f}s)")
+
+        # checkpoint: the model folder plus the trainer's state, handed to the reporter
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            save_checkpoint(Path(tmp), model, spec, optimizer, schedule, state)
+            if reporter is not None:
+                reporter(metrics, Path(tmp))
+            else:
+                keep_checkpoint(Path(tmp), out_dir, is_best=state.best_epoch == epoch)
+    if reporter is None:
+        write_metrics(out_dir, best_metrics, state)
+    return best_metrics
+
+
+def save_checkpoint(folder: Path, model, spec: ModelSpec, optimizer, schedule,
+                    state: TrainerState) -> None:
+    save_model_folder(folder, model, spec)
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "state": asdict(state)}, folder / TRAINER_STATE)
+
+
+def load_trainer_state(folder: str | Path, model, optimizer, schedule,
+                       cfg: TrialConfig) -> TrainerState:
+    """Restore model, optimizer and schedule from a checkpoint folder (``weights_only=True``)."""
+    from biometry.inference import load_model_spec
+
+    folder = Path(folder)
+    spec = load_model_spec(folder)
+    if spec.trial_config and spec.trial_config.get("model") != cfg.to_dict()["model"]:
+        raise BiometryInputError(f"{folder}: checkpoint was trained with model "
+                                 f"{spec.trial_config.get('model')}, not {cfg.to_dict()['model']}")
+    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    trainer = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    schedule.load_state_dict(trainer["schedule"])
+    return TrainerState(**trainer["state"])
+
+
+def keep_checkpoint(checkpoint: Path, out_dir: Path, *, is_best: bool) -> None:
+    """Standalone runs: ``out/checkpoint`` is the latest epoch, ``out/best`` the best model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _replace_dir(checkpoint, out_dir / "checkpoint")
+    if is_best:
+        best = out_dir / "best.tmp"
+        shutil.rmtree(best, ignore_errors=True)
+        best.mkdir()
+        for name in ("model.pt", "model.yaml"):
+            shutil.copy2(checkpoint / name, best / name)
+        _swap_dir(best, out_dir / "best")
+
+
+def write_metrics(out_dir: Path, best_metrics: dict, state: TrainerState) -> None:
+    payload = {"objective": OBJECTIVE, "best_epoch": state.best_epoch, "epochs": state.epoch,
+               **best_metrics}
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    tmp.replace(out_dir / "metrics.json")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    staging = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging)
+    _swap_dir(staging, dst)
+
+
+def _swap_dir(staging: Path, dst: Path) -> None:
+    """Replace ``dst`` by ``staging`` so that a crash leaves one of the two complete."""
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.rename(old)
+    staging.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainables.train", description=__doc__)
+    parser.add_argument("--config", required=True, help="trial YAML (configs/trial/*.yaml)")
+    parser.add_argument("--data", help="HC18 folder or landmark CSV (overrides data.path)")
+    parser.add_argument("--out", default="runs/trial", help="output folder (default: runs/trial)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    try:
+        overrides = {"data.path": args.data} if args.data else {}
+        cfg = load_config(args.config, overrides=overrides)
+        out_dir = Path(args.out)
+        resume = out_dir / "checkpoint" if args.resume else None
+        if resume is not None and not (resume / TRAINER_STATE).is_file():
+            raise BiometryInputError(f"{resume}: no checkpoint to resume from")
+        best = run_trial(cfg, out_dir=out_dir, resume_from=resume)
+    except (BiometryInputError, OSError, FloatingPointError) as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"best {OBJECTIVE} {best.get(OBJECTIVE, float('nan')):.3f} mm; model folder "
+          f"{Path(args.out) / 'best'}; metrics {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

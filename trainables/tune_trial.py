@@ -1,0 +1,38 @@
+"""The trial as a Ray Tune function trainable. Every Ray call made inside a trial is here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import tune
+
+from trainables.config import config_from_dict
+from trainables.data import PreparedSplits
+from trainables.train import run_trial
+
+
+def tune_trainable(config: dict, *, data: PreparedSplits, base_config: dict) -> None:
+    """Ray Tune entry point: ``config`` holds the sampled dotted keys (``"loss.angle_weight"``),
+    ``base_config`` the preset's trial config. Resumes from ``tune.get_checkpoint()``."""
+    from trainables.config import set_dotted
+    import copy
+
+    raw = copy.deepcopy(base_config)
+    for dotted, value in config.items():
+        set_dotted(raw, dotted, value)
+    cfg = config_from_dict(raw, source="search space")
+
+    def report(metrics: dict, checkpoint_dir: Path) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        run_trial(cfg, data=data, out_dir=Path.cwd(), reporter=report, log=_quiet)
+        return
+    with checkpoint.as_directory() as folder:
+        run_trial(cfg, data=data, out_dir=Path.cwd(), reporter=report, resume_from=folder,
+                  log=_quiet)
+
+
+def _quiet(message: str) -> None:
+    """Per-epoch lines go to the trial's log file; the terminal shows Tune's table."""
+    print(message, flush=True)
