@@ -1,0 +1,157 @@
+"""HeatmapCodec: validation, the stride convention, the round trip, and torch soft-argmax."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from biometry.codec import DECODE_MODES, HeatmapCodec, soft_argmax
+
+INPUT_HW = (96, 128)
+
+
+def interior_keypoints(codec: HeatmapCodec, n: int, seed: int) -> np.ndarray:
+    """(n, 2) keypoints at least 5 sigma (in input px) away from every border."""
+    margin = 5 * codec.sigma * codec.stride + codec.stride
+    h, w = codec.input_hw
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.uniform(margin, w - 1 - margin, n), rng.uniform(margin, h - 1 - margin, n)], axis=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_hw=(96, 128), stride=0, sigma=2.0), "stride must be a positive integer but got 0."),
+        (dict(input_hw=(96, 128), stride=2.0, sigma=2.0), "stride must be a positive integer but got 2.0."),
+        (dict(input_hw=(96, 128), stride=4, sigma=0), "sigma must be a positive number but got 0."),
+        (dict(input_hw=(96,), stride=4, sigma=2.0),
+         "input_hw must be two positive integers (height, width) but got (96,)."),
+        (dict(input_hw=(90, 128), stride=4, sigma=2.0),
+         "input_hw must be divisible by stride but got (90, 128) and stride 4."),
+        (dict(input_hw=(96, 128), stride=4, sigma=2.0, decode_mode="mean"),
+         "decode_mode must be one of ('local', 'relu', 'softmax') but got 'mean'."),
+        (dict(input_hw=(96, 128), stride=4, sigma=2.0, beta=-1.0), "beta must be a positive number but got -1.0."),
+    ],
+)
+def test_validation_messages(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        HeatmapCodec(**kwargs)
+    assert str(info.value) == message
+
+
+def test_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        HeatmapCodec((96, 128), 4, 2.0)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4, 8])
+def test_heatmap_pixel_centre_convention(stride):
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=stride, sigma=1.5)
+    assert codec.heatmap_hw == (INPUT_HW[0] // stride, INPUT_HW[1] // stride)
+    j, i = 5, 3
+    point = np.array([[j * stride + (stride - 1) / 2, i * stride + (stride - 1) / 2]])
+    maps = codec.encode(point)
+    assert maps.shape == (1, *codec.heatmap_hw) and maps.dtype == np.float32
+    assert np.unravel_index(maps[0].argmax(), maps[0].shape) == (i, j)
+    assert maps[0, i, j] == pytest.approx(1.0)
+    assert maps[0, i, j + 1] == pytest.approx(np.exp(-1 / (2 * 1.5**2)))
+    np.testing.assert_allclose(codec.to_heatmap_coords(point), [[j, i]])
+    np.testing.assert_allclose(codec.to_input_coords(codec.to_heatmap_coords(point)), point)
+
+
+@pytest.mark.parametrize("mode", ["local", "relu"])
+@pytest.mark.parametrize("stride, tolerance", [(1, 0.1), (4, 0.5)])
+def test_round_trip(stride, tolerance, mode):
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=stride, sigma=2.0)
+    points = interior_keypoints(codec, 4 * 25, seed=stride)
+    maps = np.stack([codec.encode(p) for p in points.reshape(25, 4, 2)])
+    decoded, scores = codec.decode(maps, mode=mode)
+    assert decoded.shape == (25, 4, 2) and scores.shape == (25, 4)
+    assert np.abs(decoded.reshape(-1, 2) - points).max() < tolerance
+    assert np.all(scores > 0.8)
+
+
+def test_round_trip_single_image_and_torch_input():
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=2, sigma=1.5)
+    points = interior_keypoints(codec, 4, seed=0)
+    maps = codec.encode(points)
+    from_numpy, _ = codec.decode(maps)
+    from_torch, _ = codec.decode(torch.from_numpy(maps))
+    assert from_numpy.shape == (4, 2)
+    np.testing.assert_allclose(from_numpy, points, atol=0.05)
+    np.testing.assert_allclose(from_torch, from_numpy, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_argmax_decode_is_within_half_a_heatmap_pixel(stride):
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=stride, sigma=2.0)
+    points = interior_keypoints(codec, 40, seed=1)
+    maps = codec.encode(points)
+    plain, _ = codec.decode_argmax(maps, refine=False)
+    refined, _ = codec.decode_argmax(maps)
+    assert np.abs(plain - points).max() <= stride / 2 + 1e-6
+    assert np.abs(refined - points).max() <= stride / 2 + 1e-6
+    assert np.abs(refined - points).mean() < np.abs(plain - points).mean()
+
+
+def test_local_decode_ignores_background_noise_that_biases_the_global_one():
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=2, sigma=2.0)
+    points = interior_keypoints(codec, 4, seed=2)
+    noisy = codec.encode(points) + np.random.default_rng(0).normal(0, 0.02, (4, *codec.heatmap_hw))
+    local, _ = codec.decode(noisy, mode="local")
+    global_relu, _ = codec.decode(noisy, mode="relu")
+    assert np.abs(local - points).max() < 1.0
+    assert np.abs(global_relu - points).max() > 2.0
+
+
+def test_softmax_with_beta_one_is_pulled_to_the_centre_and_large_beta_is_not():
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=2, sigma=2.0)
+    points = interior_keypoints(codec, 4, seed=3)
+    maps = codec.encode(points)
+    centre = np.array([(INPUT_HW[1] - 1) / 2, (INPUT_HW[0] - 1) / 2])
+    biased, _ = codec.decode(maps, mode="softmax", beta=1.0)
+    sharp, _ = codec.decode(maps, mode="softmax", beta=20.0)
+    assert np.all(np.linalg.norm(biased - centre, axis=1) < 0.5 * np.linalg.norm(points - centre, axis=1))
+    assert np.abs(sharp - points).max() < 0.5
+
+
+def test_non_finite_keypoint_gives_an_empty_map_and_zero_weight():
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=4, sigma=2.0)
+    points = np.array([[10.0, 20.0], [np.nan, 3.0], [-5.0, 3.0], [127.4, 95.4]])
+    maps = codec.encode(points)
+    assert maps[1].max() == 0.0
+    np.testing.assert_array_equal(codec.keypoint_weights(points), [1, 0, 0, 1])
+
+
+def test_bad_heatmap_shape_is_refused():
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=4, sigma=2.0)
+    with pytest.raises(ValueError, match=r"heatmaps must be \(K, h, w\) or \(B, K, h, w\) with \(h, w\) = \(24, 32\)"):
+        codec.decode(np.zeros((4, 24, 31)))
+
+
+@pytest.mark.parametrize("mode, beta", [("softmax", 1.0), ("softmax", 20.0), ("relu", 1.0)])
+def test_torch_soft_argmax_matches_numpy_decode_and_has_gradients(mode, beta):
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=4, sigma=2.0)
+    points = interior_keypoints(codec, 8, seed=4).reshape(2, 4, 2)
+    rng = np.random.default_rng(5)
+    maps = np.stack([codec.encode(p) for p in points]) + rng.normal(0, 0.01, (2, 4, *codec.heatmap_hw))
+    tensor = torch.tensor(maps, dtype=torch.float64, requires_grad=True)
+    coords = soft_argmax(tensor, beta=beta, mode=mode)
+    assert coords.shape == (2, 4, 2)
+    expected, _ = codec.decode(maps, mode=mode, beta=beta)
+    np.testing.assert_allclose(codec.to_input_coords(coords).detach().numpy(), expected, atol=1e-6)
+    coords.sum().backward()
+    assert torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+
+
+def test_soft_argmax_relu_of_an_empty_map_is_the_centre():
+    coords = soft_argmax(torch.zeros(1, 1, 5, 7), mode="relu")
+    np.testing.assert_allclose(coords.numpy(), [[[3.0, 2.0]]])
+
+
+def test_decode_modes_are_all_accepted():
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=4, sigma=2.0)
+    maps = codec.encode(interior_keypoints(codec, 4, seed=6))
+    for mode in DECODE_MODES:
+        keypoints, scores = codec.decode(maps, mode=mode)
+        assert keypoints.shape == (4, 2) and np.isfinite(keypoints).all()
