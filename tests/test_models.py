@@ -172,3 +172,16 @@ def test_multihead_concatenates_bpd_then_ofd():
         model.decoders[1].head.bias.fill_(100.0)  # the OFD decoder
         out = model(torch.zeros(1, 1, 32, 48))
     assert (out[:, 2:] > 50).all() and (out[:, :2].abs() < 50).all()
+
+
+def test_down_conv_keeps_the_codec_pixel_centres():
+    """Averaging 4x4 stride-2 convs on an x-ramp: pixel j at stride s sits at j * s + (s - 1) / 2."""
+    from biometry.models.blocks import down_conv
+
+    x = torch.arange(64, dtype=torch.float32).expand(1, 1, 16, 64)
+    for stride in (2, 4):
+        conv = down_conv(1, 1)[0]
+        torch.nn.init.constant_(conv.weight, 1 / 16)
+        x = conv(x).detach()
+        j = torch.arange(1, x.shape[-1] - 1, dtype=torch.float32)  # interior (zero padding aside)
+        torch.testing.assert_close(x[0, 0, 1, 1:-1], j * stride + (stride - 1) / 2)

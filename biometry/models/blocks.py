@@ -18,17 +18,28 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
 
 
 class ConvNormAct(nn.Sequential):
-    """Conv (no bias) -> norm -> ReLU (``act=False`` drops the ReLU); 'same' padding."""
+    """Conv (no bias) -> norm -> ReLU (``act=False`` drops the ReLU); 'same' padding by default."""
 
     def __init__(self, in_ch: int, out_ch: int, *, kernel_size: int = 3, stride: int = 1,
-                 norm: str = "group", act: bool = True):
+                 padding: int | None = None, norm: str = "group", act: bool = True):
+        padding = kernel_size // 2 if padding is None else padding
         layers = [
-            nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
+            nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False),
             norm_layer(norm, out_ch),
         ]
         if act:
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
+
+
+def down_conv(in_ch: int, out_ch: int, *, norm: str = "group", act: bool = True) -> ConvNormAct:
+    """2x down-sampling conv that keeps pixel centres where the codec puts them.
+
+    A 4x4 kernel, stride 2, padding 1 centres output pixel ``j`` on input ``2j + 0.5``, the centre
+    of the 2x2 cell it stands for (like max-pooling); the usual 3x3 stride-2 conv centres it on
+    ``2j``, half a pixel off at every level (1.5 input pixels at stride 4). Even sizes halve exactly.
+    """
+    return ConvNormAct(in_ch, out_ch, kernel_size=4, stride=2, padding=1, norm=norm, act=act)
 
 
 class DoubleConv(nn.Sequential):

@@ -1,9 +1,10 @@
 """``hrnet_compact``: a small HRNet (Sun et al. 2019) for heatmap landmarks.
 
-Layout: a stem of strided 3x3 convs down to 1/``stem_stride`` (2 or 4); then ``stages`` stages,
+Layout: a stem of strided convs down to 1/``stem_stride`` (2 or 4); then ``stages`` stages,
 each running ``blocks`` residual blocks on every branch and then a fusion that sums, into every
 branch, all branches brought to its resolution (1x1 conv + bilinear up-sampling from lower
-resolutions, chains of strided 3x3 convs from higher ones). Branch ``b`` works at
+resolutions, chains of strided convs from higher ones). Strided convs are 4x4 (``down_conv``)
+rather than HRNet's 3x3 so every branch keeps the codec's pixel centres. Branch ``b`` works at
 1/(``stem_stride`` * 2**b) with ``width * 2**b`` channels. Branches are added one per stage
 (2 in the first, then 3, ...), and the last stage always has all ``branches``; it fuses into the
 highest-resolution branch only, where the head resamples to the output stride and makes the
@@ -22,6 +23,7 @@ from biometry.models.blocks import (
     BasicBlock,
     ConvNormAct,
     check_input,
+    down_conv,
     head_conv,
     init_weights,
     pad_to_multiple,
@@ -82,9 +84,9 @@ def branch_counts(cfg: HRNetConfig) -> list[int]:
 
 
 def down_chain(in_ch: int, out_ch: int, steps: int, norm: str) -> nn.Sequential:
-    """``steps`` strided 3x3 convs (ReLU between, none after the last): in_ch -> out_ch."""
-    layers = [ConvNormAct(in_ch, in_ch, stride=2, norm=norm) for _ in range(steps - 1)]
-    layers.append(ConvNormAct(in_ch, out_ch, stride=2, norm=norm, act=False))
+    """``steps`` centre-keeping strided convs (ReLU between, none after the last): in_ch -> out_ch."""
+    layers = [down_conv(in_ch, in_ch, norm=norm) for _ in range(steps - 1)]
+    layers.append(down_conv(in_ch, out_ch, norm=norm, act=False))
     return nn.Sequential(*layers)
 
 
@@ -154,9 +156,9 @@ class HRNetCompact(nn.Module):
         self.output_stride = cfg.output_stride
         self.pad_multiple = 2**cfg.depth
         chans = [cfg.width * 2**b for b in range(cfg.branches)]
-        stem = [ConvNormAct(cfg.in_channels, cfg.width, stride=2, norm=cfg.norm)]
+        stem = [down_conv(cfg.in_channels, cfg.width, norm=cfg.norm)]
         if cfg.stem_stride == 4:
-            stem.append(ConvNormAct(cfg.width, cfg.width, stride=2, norm=cfg.norm))
+            stem.append(down_conv(cfg.width, cfg.width, norm=cfg.norm))
         self.stem = nn.Sequential(*stem)
         counts = branch_counts(cfg)
         self.transitions = nn.ModuleList(
