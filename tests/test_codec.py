@@ -1,4 +1,4 @@
-"""HeatmapCodec: validation, the stride convention, the round trip, and torch soft-argmax."""
+"""HeatmapCodec: validation, the stride convention, the round trip, torch soft-argmax; heatmap uncertainty."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from biometry.codec import DECODE_MODES, HeatmapCodec, soft_argmax
+from biometry.uncertainty import heatmap_distribution, heatmap_entropy, heatmap_spread, image_uncertainty
 
 INPUT_HW = (96, 128)
 
@@ -155,3 +156,60 @@ def test_decode_modes_are_all_accepted():
     for mode in DECODE_MODES:
         keypoints, scores = codec.decode(maps, mode=mode)
         assert keypoints.shape == (4, 2) and np.isfinite(keypoints).all()
+
+
+# -------------------------------------------------------------------------------------------------
+# uncertainty of decoded heatmaps
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stride, sigma", [(1, 1.5), (4, 2.0)])
+def test_spread_of_a_codec_gaussian_is_sigma_sqrt2_in_input_pixels(stride, sigma):
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=stride, sigma=sigma)
+    maps = codec.encode(interior_keypoints(codec, 4, seed=7))
+    spread = heatmap_spread(maps, stride=stride)
+    assert spread.shape == (4,)
+    np.testing.assert_allclose(spread, sigma * np.sqrt(2) * stride, rtol=1e-3)
+
+
+def test_sharper_maps_are_more_certain():
+    points = np.array([[60.0, 40.0]])
+    sharp = HeatmapCodec(input_hw=INPUT_HW, stride=2, sigma=1.0).encode(points)
+    broad = HeatmapCodec(input_hw=INPUT_HW, stride=2, sigma=3.0).encode(points)
+    assert heatmap_entropy(sharp)[0] < heatmap_entropy(broad)[0]
+    assert heatmap_spread(sharp)[0] < heatmap_spread(broad)[0]
+
+
+def test_empty_and_flat_maps_are_uniform():
+    h, w = 12, 16
+    for maps in (np.zeros((1, h, w)), np.ones((1, h, w)), -np.ones((1, h, w))):
+        assert heatmap_entropy(maps)[0] == pytest.approx(1.0)
+        assert heatmap_spread(maps)[0] == pytest.approx(np.sqrt((w**2 - 1) / 12 + (h**2 - 1) / 12))
+    np.testing.assert_allclose(heatmap_distribution(np.zeros((2, h, w))).sum(axis=(-2, -1)), 1.0)
+
+
+def test_two_peaks_spread_more_than_one():
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=2, sigma=2.0)
+    one = codec.encode(np.array([[40.0, 40.0]]))
+    two = one + codec.encode(np.array([[90.0, 50.0]]))
+    assert heatmap_spread(two)[0] > 4 * heatmap_spread(one)[0]
+
+
+def test_image_uncertainty_numpy_and_torch_agree_and_keep_gradients():
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=4, sigma=2.0)
+    maps = np.stack([codec.encode(p) for p in interior_keypoints(codec, 8, seed=8).reshape(2, 4, 2)])
+    maps[1] += np.random.default_rng(0).uniform(0, 0.05, maps[1].shape)
+    from_numpy = image_uncertainty(maps, stride=4)
+    assert isinstance(from_numpy, np.ndarray) and from_numpy.shape == (2,)
+    np.testing.assert_allclose(from_numpy, heatmap_spread(maps, stride=4).mean(axis=1))
+    assert from_numpy[1] > from_numpy[0]
+    tensor = torch.tensor(maps, requires_grad=True)
+    from_torch = image_uncertainty(tensor, stride=4)
+    assert isinstance(from_torch, torch.Tensor)
+    np.testing.assert_allclose(from_torch.detach().numpy(), from_numpy)
+    from_torch.sum().backward()
+    assert torch.isfinite(tensor.grad).all()
+    soft = image_uncertainty(maps, stride=4, beta=20.0)
+    assert soft.shape == (2,) and np.all(np.isfinite(soft))
+    with pytest.raises(ValueError, match=r"^heatmaps must be \(B, K, h, w\) but got shape \(4, 24, 32\)\.$"):
+        image_uncertainty(maps[0], stride=4)
