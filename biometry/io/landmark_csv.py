@@ -11,6 +11,7 @@ import math
 import os
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,20 +37,29 @@ def default_subject(name: str) -> str:
 def read_landmark_csv(path: Path, *, skip_bad: bool = False):
     """Read a landmark CSV: ``(records, skipped)`` with ``skipped = [(item, reason)]``.
 
-    Every image is decoded once (unreadable files are found here). A bad row raises
-    :class:`BiometryInputError` naming the file, row (1-based, header excluded) and column, or is
-    skipped when ``skip_bad``; a missing file or column always raises.
+    Every image is decoded once, in a small thread pool (unreadable files are found here). A bad
+    row raises :class:`BiometryInputError` naming the file, row (1-based, header excluded) and
+    column, or is skipped when ``skip_bad``; a missing file or column always raises.
     """
     rows = _read_rows(path)
     folder = path.resolve().parent
-    records, skipped = [], []
-    for row_no, row in enumerate(rows, start=1):
+
+    def parse(numbered: tuple[int, dict[str, str]]) -> LandmarkRecord | BiometryInputError:
         try:
-            records.append(_parse_row(row, row_no=row_no, csv_path=path, folder=folder))
+            return _parse_row(numbered[1], row_no=numbered[0], csv_path=path, folder=folder)
         except BiometryInputError as err:
+            return err
+
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(parse, enumerate(rows, start=1)))
+    records, skipped = [], []
+    for row_no, result in enumerate(results, start=1):
+        if isinstance(result, BiometryInputError):
             if not skip_bad:
-                raise
-            skipped.append((f"{path} row {row_no}", str(err)))
+                raise result
+            skipped.append((f"{path} row {row_no}", str(result)))
+        else:
+            records.append(result)
     return records, skipped
 
 
