@@ -185,3 +185,19 @@ def test_down_conv_keeps_the_codec_pixel_centres():
         x = conv(x).detach()
         j = torch.arange(1, x.shape[-1] - 1, dtype=torch.float32)  # interior (zero padding aside)
         torch.testing.assert_close(x[0, 0, 1, 1:-1], j * stride + (stride - 1) / 2)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_few_steps_fit_a_fixed_batch(name):
+    torch.manual_seed(0)
+    model = create_model(name, output_stride=4, **TINY)
+    x, target = torch.randn(2, 1, 32, 48), torch.rand(2, 4, 8, 12)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = (model(x) - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]

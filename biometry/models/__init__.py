@@ -1,6 +1,7 @@
 """Heatmap landmark models: one registry, ``create_model(name, **kwargs)`` makes them all.
 
 Example:
+    >>> import torch
     >>> from biometry.models import create_model, list_models
     >>> list_models()
     ['hrnet_compact', 'unet', 'unet_multihead']

@@ -44,6 +44,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name`` with keyword options ``kwargs``.
 
     Example:
+        >>> import torch
         >>> model = create_model("unet", width=8, output_stride=2)
         >>> model(torch.zeros(2, 1, 64, 96)).shape
         torch.Size([2, 4, 32, 48])
