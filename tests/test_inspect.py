@@ -120,3 +120,18 @@ def test_swapped_columns_and_flagged_rows(data, tmp_path):
     assert report["overlays"][0].endswith("overlays/000_HC.png")
     fixed = load_records(out / "landmarks.csv")
     assert [r.name for r in fixed][1:] == [f"images/{row['image']}" for row in rows[1:]]
+
+
+def test_cli_prints_one_line_and_exits_2_on_bad_input(data, tmp_path, monkeypatch, capsys):
+    from biometry import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", {"inspect": cli.COMMANDS["inspect"]})  # only this command
+    edit = data.read_text().replace("pixel_mm", "spacing", 1)
+    data.write_text(edit)
+    assert cli.main(["inspect", str(data), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {data}: missing column 'pixel_mm' (the header has: image,spacing,bpd_x1,bpd_y1,bpd_x2,"
+        "bpd_y2,ofd_x1,ofd_y1,ofd_x2,ofd_y2,subject,hc_mm)\n")
+    assert cli.main(["inspect", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no such file or folder\n"
+    assert not (tmp_path / "out").exists()

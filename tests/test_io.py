@@ -203,8 +203,9 @@ def test_synthetic_heads_are_plausible(synthetic_csv):
     assert hc_diff_mm(records) == pytest.approx(0, abs=1e-3)
     for r in records:  # the skull ring is bright just inside the endpoints
         image = read_grayscale(r.image).astype(float)
-        centre = r.landmarks[2:].mean(axis=0)
-        inside = r.landmarks + 0.02 * (centre - r.landmarks) / np.linalg.norm(centre - r.landmarks, axis=1, keepdims=True) * np.linalg.norm(r.landmarks[3] - r.landmarks[2])
+        inward = r.landmarks[2:].mean(axis=0) - r.landmarks
+        inward /= np.linalg.norm(inward, axis=1, keepdims=True)
+        inside = r.landmarks + 0.02 * np.linalg.norm(r.landmarks[3] - r.landmarks[2]) * inward
         values = [image[int(round(y)), int(round(x))] for x, y in inside]
         assert np.mean(values) > 3 * np.median(image)
 
@@ -220,7 +221,8 @@ def test_split_by_subject_is_disjoint_seeded_and_order_free(hc18_records):
     assert abs(len(subjects["train"]) - 0.7 * 485) <= 1
     assert split_by_subject(hc18_records, seed=0) == splits
     reordered = split_by_subject(hc18_records[::-1], seed=0)
-    assert {k: {r.name for r in v} for k, v in reordered.items()} == {k: {r.name for r in v} for k, v in splits.items()}
+    names = {k: {r.name for r in v} for k, v in splits.items()}
+    assert {k: {r.name for r in v} for k, v in reordered.items()} == names
     assert split_by_subject(hc18_records, seed=1)["test"] != splits["test"]
 
 
@@ -233,7 +235,8 @@ def test_every_split_gets_a_subject(synthetic_csv, n_subjects):
 
 def test_split_rejects_bad_fractions(synthetic_csv):
     records = load_records(synthetic_csv)
-    with pytest.raises(ValueError, match=r"fractions must be three non-negative numbers summing to 1 but got \(0.5, 0.5, 0.5\)"):
+    expected = r"fractions must be three non-negative numbers summing to 1 but got \(0.5, 0.5, 0.5\)"
+    with pytest.raises(ValueError, match=expected):
         split_by_subject(records, fractions=(0.5, 0.5, 0.5))
 
 
@@ -263,31 +266,36 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-CSV_CASES = {
-    "missing column": (dict(drop="bpd_y2"), ["missing column 'bpd_y2'"]),
-    "nan coordinate": (dict(row=3, column="bpd_x1", value="nan"), ["row 3", "001_HC.png", "'bpd_x1'", "nan"]),
-    "empty coordinate": (dict(row=2, column="ofd_y1", value=""), ["row 2", "'ofd_y1'", "not a number"]),
-    "text coordinate": (dict(row=2, column="ofd_y1", value="abc"), ["row 2", "'ofd_y1'", "not a number: 'abc'"]),
-    "outside the image": (dict(row=2, column="ofd_x2", value="400"), ["row 2", "'ofd_x2' = 400", "outside the 400x270 image"]),
-    "negative coordinate": (dict(row=1, column="bpd_y1", value="-3"), ["row 1", "'bpd_y1' = -3", "outside"]),
-    "zero spacing": (dict(row=4, column="pixel_mm", value="0"), ["row 4", "'pixel_mm' must be > 0, got 0"]),
-    "negative spacing": (dict(row=4, column="pixel_mm", value="-0.3"), ["row 4", "'pixel_mm' must be > 0, got -0.3"]),
-    "bad hc": (dict(row=5, column="hc_mm", value="x"), ["row 5", "'hc_mm' is not a number"]),
-    "parent path": (dict(row=2, column="image", value="../000_HC.png"), ["row 2", "../000_HC.png", "leaves the data folder"]),
-    "missing image": (dict(row=6, column="image", value="nope.png"), ["row 6", "nope.png", "image file not found"]),
+CSV_CASES = {  # (row, column, new value) -> parts of the message
+    "nan coordinate": ((3, "bpd_x1", "nan"), ["row 3 (001_HC.png)", "column 'bpd_x1' is nan"]),
+    "empty coordinate": ((2, "ofd_y1", ""), ["row 2", "column 'ofd_y1' is not a number: ''"]),
+    "text coordinate": ((2, "ofd_y1", "abc"), ["row 2", "column 'ofd_y1' is not a number: 'abc'"]),
+    "outside the image": ((2, "ofd_x2", "400"), ["row 2", "'ofd_x2' = 400 is outside the 400x270 image"]),
+    "negative coordinate": ((1, "bpd_y1", "-3"), ["row 1", "'bpd_y1' = -3 is outside"]),
+    "zero spacing": ((4, "pixel_mm", "0"), ["row 4", "column 'pixel_mm' must be > 0, got 0"]),
+    "negative spacing": ((4, "pixel_mm", "-0.3"), ["row 4", "column 'pixel_mm' must be > 0, got -0.3"]),
+    "bad hc": ((5, "hc_mm", "x"), ["row 5", "column 'hc_mm' is not a number"]),
+    "parent path": ((2, "image", "../000_HC.png"), ["row 2 (../000_HC.png)", "leaves the data folder"]),
+    "missing image": ((6, "image", "nope.png"), ["row 6 (nope.png)", "nope.png: image file not found"]),
 }
 
 
 @pytest.mark.parametrize("case", CSV_CASES)
 def test_bad_landmark_csv_names_file_row_and_column(csv_copy, case):
-    edit, expected = CSV_CASES[case]
-    edit_csv(csv_copy, **edit)
+    (row, column, value), expected = CSV_CASES[case]
+    edit_csv(csv_copy, row=row, column=column, value=value)
     with pytest.raises(BiometryInputError) as err:
         load_records(csv_copy)
     message = str(err.value)
-    assert "\n" not in message and str(csv_copy) in message
+    assert "\n" not in message and message.startswith(f"{csv_copy}: ")
     for part in expected:
         assert part in message
+
+
+def test_missing_column_is_named(csv_copy):
+    edit_csv(csv_copy, drop="bpd_y2")
+    with pytest.raises(BiometryInputError, match=r"landmarks\.csv: missing column 'bpd_y2' \(the header has: image,"):
+        load_records(csv_copy)
 
 
 def test_absolute_image_path_outside_the_folder(csv_copy, tmp_path):
@@ -356,20 +364,24 @@ def crop(path):
     cv2.imwrite(str(path), read_grayscale(path)[:-10])
 
 
+def unlink(path):
+    path.unlink()
+
+
 HC18_CASES = {
-    "blank mask": (lambda d: blank(d / "training_set/002_HC_Mask.png"), ["002_HC_Mask.png", "no ellipse in the mask"]),
-    "truncated image": (lambda d: truncate(d / "training_set/003_HC.png"), ["003_HC.png", "cannot decode the image"]),
-    "truncated mask": (lambda d: truncate(d / "training_set/003_HC_Mask.png"), ["003_HC_Mask.png", "cannot decode"]),
-    "missing mask": (lambda d: (d / "training_set/006_HC_Mask.png").unlink(), ["006_HC.png", "no 006_HC_Mask.png or 006_HC_Annotation.png"]),
-    "missing image": (lambda d: (d / "training_set/006_HC.png").unlink(), ["006_HC.png", "image file not found"]),
-    "mask size": (lambda d: crop(d / "training_set/001_HC_Mask.png"), ["001_HC_Mask.png", "size 800x530 differs from the image's 800x540"]),
+    "blank mask": (blank, "002_HC_Mask.png", ["002_HC_Mask.png", "no ellipse in the mask"]),
+    "truncated image": (truncate, "003_HC.png", ["003_HC.png", "cannot decode the image"]),
+    "truncated mask": (truncate, "003_HC_Mask.png", ["003_HC_Mask.png", "cannot decode"]),
+    "missing mask": (unlink, "006_HC_Mask.png", ["006_HC.png", "no 006_HC_Mask.png or 006_HC_Annotation.png"]),
+    "missing image": (unlink, "006_HC.png", ["006_HC.png", "image file not found"]),
+    "mask size": (crop, "001_HC_Mask.png", ["001_HC_Mask.png", "size 800x530 differs from the image's 800x540"]),
 }
 
 
 @pytest.mark.parametrize("case", HC18_CASES)
 def test_bad_hc18_item_names_the_file(hc18_copy, case):
-    break_it, expected = HC18_CASES[case]
-    break_it(hc18_copy)
+    break_it, file_name, expected = HC18_CASES[case]
+    break_it(hc18_copy / "training_set" / file_name)
     with pytest.raises(BiometryInputError) as err:
         load_records(hc18_copy)
     assert "\n" not in str(err.value)

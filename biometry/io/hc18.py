@@ -7,18 +7,19 @@ BPD = the minor-axis endpoints.
 Why the masks need :data:`MASK_AXIS_EXCESS_PX` (measured on all 592 images of the shared subset):
 fitting ``cv2.fitEllipse`` to the ``cv2.findContours`` points of a filled mask gives a Ramanujan
 perimeter 0.78 mm (5.6 px) longer on average than the CSV head circumference (mean absolute
-difference 0.780 mm, max 2.21 mm). The excess is constant in pixels, not in mm or with head size:
-solving per image for the amount ``d`` to take off both full axes so that the perimeter matches
-gives ``d = 1.79 +- 0.06 px`` (min 1.60, max 2.12) once contour points on the image border are
-left out (three masks are clipped by the border; their straight cut dragged the fit, up to 2.2 mm).
-It is not the contour tracing the outside of the pixels: ``findContours`` returns the centres of
-the boundary pixels, and redrawing a fitted ellipse with ``cv2.ellipse(..., thickness=-1)`` and
-refitting it gives its axes back within -0.2 px. Taking half a pixel off each semi-axis
-(``d = 1``) still leaves 0.345 mm. The masks themselves are about 0.9 px per semi-axis larger than
-the expert ellipse, which matches masks built from the outer edge of a ~2 px wide outline
-(simulated: +1.6 px on the full axes). With ``d = 1.78``: mean absolute difference 0.020 mm,
-bias +0.006 mm, max 0.138 mm over the 592 images (``d = 2``, one whole pixel per semi-axis:
-0.092 mm).
+difference 0.780 mm, max 2.21 mm). The excess is constant in pixels, not in mm nor with head size
+(correlation with the axis length -0.07): solving per image for the amount ``d`` to take off both
+full axes so that the perimeter matches gives ``d = 1.79 +- 0.06 px`` (min 1.60, max 2.12) once
+contour points on the image border are left out (three masks are cut by the border; the straight
+cut dragged their fits, by up to 2.2 mm). It is not the contour lying outside the ellipse a mask was
+drawn from: ``findContours`` returns the centres of the boundary pixels, and redrawing a
+fitted ellipse with ``cv2.ellipse(..., thickness=-1)`` and refitting it gives its axes back within
+-0.2 px. Taking half a pixel off each semi-axis (``d = 1``) still leaves 0.345 mm. The masks
+themselves are about 0.9 px per semi-axis larger than the expert ellipse, as masks built from the
+outer edge of a ~2 px wide outline would be (simulated: +1.6 px on the full axes). With
+``d = 1.78`` (the median): mean absolute difference 0.020 mm, bias +0.005 mm, max 0.136 mm over the
+592 images; calibrated on half of the subjects (1.774), the other half gives 0.021 mm. ``d = 2``
+(a whole pixel per semi-axis) gives 0.092 mm.
 
 Outlines are fitted on all their pixel centres (the centre line of the drawn curve), with no
 correction: an outline drawn with ``cv2.ellipse(thickness=1)`` from an ellipse gives its axes back
