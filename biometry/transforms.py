@@ -5,6 +5,7 @@ landmark arrays ``(..., 4, 2)`` with rows BPD1, BPD2, OFD1, OFD2.
 """
 from __future__ import annotations
 
+import numbers
 import random
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -173,7 +174,7 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{f.name} must be a number but got {value!r}.")
             if not np.isfinite(value):
                 raise ValueError(f"{f.name} must be finite but got {value}.")

@@ -28,8 +28,8 @@ def _distribution(maps: torch.Tensor, beta: float | None) -> torch.Tensor:
         raise ValueError(f"heatmaps must be (..., h, w) but got shape {tuple(maps.shape)}.")
     flat = maps.reshape(*maps.shape[:-2], -1)
     if beta is not None:
-        if not beta > 0:
-            raise ValueError(f"beta must be positive but got {beta}.")
+        if not (beta > 0 and math.isfinite(beta)):
+            raise ValueError(f"beta must be a positive number but got {beta!r}.")
         return torch.softmax(beta * flat, dim=-1).reshape(maps.shape)
     pos = torch.relu(flat)
     total = pos.sum(dim=-1, keepdim=True)

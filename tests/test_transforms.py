@@ -310,3 +310,8 @@ def test_orientation_from_dict_errors(data, message):
     with pytest.raises(BiometryInputError) as info:
         Orientation.from_dict(data)
     assert str(info.value) == message
+
+
+def test_augment_config_accepts_numpy_numbers():
+    cfg = AugmentConfig(rotate_deg=np.float64(12.5), noise_std=np.float32(0.01), hflip_p=np.int64(1))
+    assert cfg.rotate_deg == 12.5
