@@ -418,6 +418,20 @@ def test_skip_bad_items_of_an_hc18_folder(hc18_copy, capsys):
     assert f"warning: {hc18_copy}: skipped 2 of 6 items" in err
 
 
+def test_mask_ellipse_leaving_the_image(hc18_copy):
+    mask = np.zeros((540, 800), np.uint8)
+    cv2.ellipse(mask, ((20.0, 270.0), (200.0, 150.0), 0.0), 255, thickness=-1)
+    cv2.imwrite(str(hc18_copy / "training_set" / "001_HC_Mask.png"), mask)
+    with pytest.raises(BiometryInputError, match=r"001_HC_Mask\.png: the ellipse's ofd1 endpoint "
+                                                 r"\(-79\.9, 269\.9\) is outside the 800x540 image"):
+        load_records(hc18_copy)
+
+
+def test_a_file_that_is_not_a_csv(tmp_path, hc18_dir):
+    with pytest.raises(BiometryInputError, match=r"000_HC\.png: not a readable CSV file"):
+        load_records(hc18_dir / "training_set" / "000_HC.png")
+
+
 def test_read_grayscale_errors(tmp_path):
     with pytest.raises(BiometryInputError, match=r"nope\.png: image file not found"):
         read_grayscale(tmp_path / "nope.png")

@@ -27,7 +27,6 @@ within about -0.3 px (OpenCV draws a 72-gon slightly inside the ellipse).
 """
 from __future__ import annotations
 
-import csv
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,8 +38,8 @@ import numpy as np
 from biometry.errors import BiometryInputError
 from biometry.geometry import ellipse_landmarks
 from biometry.io.images import read_grayscale
-from biometry.io.landmark_csv import default_subject
-from biometry.records import LandmarkRecord
+from biometry.io.landmark_csv import default_subject, outside_image, read_csv_rows
+from biometry.records import LANDMARK_NAMES, LandmarkRecord
 
 HC18_CSV = "training_set_pixel_size_and_HC.csv"
 IMAGE_DIR = "training_set"
@@ -90,16 +89,12 @@ def read_hc18(folder: Path, *, skip_bad: bool = False, workers: int | None = Non
 
 
 def _read_csv(path: Path) -> list[tuple[int, str, float, float | None]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        for column in (FILE_COLUMN, PIXEL_COLUMN):
-            if column not in header:
-                raise BiometryInputError(f"{path}: missing column '{column}'")
-        reader.fieldnames = header
-        rows = []
-        for row_no, row in enumerate(reader, start=1):
-            rows.append((row_no, *_parse_csv_row(row, path=path, row_no=row_no)))
+    header, table = read_csv_rows(path)
+    for column in (FILE_COLUMN, PIXEL_COLUMN):
+        if column not in header:
+            raise BiometryInputError(f"{path}: missing column '{column}'")
+    rows = [(row_no, *_parse_csv_row(row, path=path, row_no=row_no))
+            for row_no, row in enumerate(table, start=1)]
     if not rows:
         raise BiometryInputError(f"{path}: no data rows")
     return rows
@@ -138,10 +133,17 @@ def _load_item(folder: Path, row_no: int, filename: str, pixel_mm: float, hc_mm:
                 f"{label_path}: size {label.shape[1]}x{label.shape[0]} differs from the image's "
                 f"{shape[1]}x{shape[0]}"
             )
-        ellipse = fit_label_ellipse(label, source=label_path)
+        landmarks = fit_label_ellipse(label, source=label_path).landmarks()
+        bad = outside_image(landmarks, shape)
+        if bad is not None:
+            x, y = landmarks[bad // 2]
+            raise BiometryInputError(
+                f"{label_path}: the ellipse's {LANDMARK_NAMES[bad // 2]} endpoint ({x:.1f}, {y:.1f}) "
+                f"is outside the {shape[1]}x{shape[0]} image"
+            )
         return LandmarkRecord(
             image=image_path.resolve(),
-            landmarks=ellipse.landmarks(),
+            landmarks=landmarks,
             pixel_mm=pixel_mm,
             subject=default_subject(filename),
             name=filename,

@@ -66,19 +66,39 @@ def read_landmark_csv(path: Path, *, skip_bad: bool = False):
 def _read_rows(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise BiometryInputError(f"{path}: landmark CSV not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise BiometryInputError(
-                f"{path}: missing column '{missing[0]}' (the header has: {','.join(header) or 'nothing'})"
-            )
-        reader.fieldnames = header
-        rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    header, rows = read_csv_rows(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise BiometryInputError(
+            f"{path}: missing column '{missing[0]}' (the header has: {','.join(header) or 'nothing'})"
+        )
     if not rows:
         raise BiometryInputError(f"{path}: no data rows")
     return rows
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """``(header, rows)`` of a CSV file, names and cells stripped; one-line error if it is not
+    readable text CSV."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in reader.fieldnames or []]
+            reader.fieldnames = header
+            rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise BiometryInputError(f"{path}: not a readable CSV file ({err})") from None
+    return header, rows
+
+
+def outside_image(landmarks: np.ndarray, image_size: tuple[int, int]) -> int | None:
+    """Index into ``landmarks.ravel()`` of the first coordinate outside the image (pixel centres at
+    integers, so the image spans [-0.5, W - 0.5] x [-0.5, H - 0.5]), or None."""
+    height, width = image_size
+    flat = np.asarray(landmarks, dtype=float).ravel()
+    limits = np.tile([width - 0.5, height - 0.5], len(flat) // 2)
+    bad = np.flatnonzero(~((flat >= -0.5) & (flat <= limits)))
+    return int(bad[0]) if bad.size else None
 
 
 def _parse_row(row: dict[str, str], *, row_no: int, csv_path: Path, folder: Path) -> LandmarkRecord:
@@ -100,12 +120,12 @@ def _parse_row(row: dict[str, str], *, row_no: int, csv_path: Path, folder: Path
         height, width = read_grayscale(image_path).shape
     except BiometryInputError as err:
         raise BiometryInputError(f"{where}: {err}") from None
-    for column, value in zip(COORD_COLUMNS, coords.ravel()):
-        limit = (width if column[4] == "x" else height) - 0.5
-        if not -0.5 <= value <= limit:
-            raise BiometryInputError(
-                f"{where}: column '{column}' = {value:g} is outside the {width}x{height} image"
-            )
+    bad = outside_image(coords, (height, width))
+    if bad is not None:
+        raise BiometryInputError(
+            f"{where}: column '{COORD_COLUMNS[bad]}' = {coords.ravel()[bad]:g} is outside the "
+            f"{width}x{height} image"
+        )
     return LandmarkRecord(
         image=image_path,
         landmarks=coords,
