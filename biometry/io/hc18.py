@@ -38,7 +38,7 @@ import numpy as np
 from biometry.errors import BiometryInputError
 from biometry.geometry import ellipse_landmarks
 from biometry.io.images import read_grayscale
-from biometry.io.landmark_csv import default_subject, outside_image, read_csv_rows
+from biometry.io.landmark_csv import collect, default_subject, outside_image, read_csv_rows
 from biometry.records import LANDMARK_NAMES, LandmarkRecord
 
 HC18_CSV = "training_set_pixel_size_and_HC.csv"
@@ -77,15 +77,7 @@ def read_hc18(folder: Path, *, skip_bad: bool = False, workers: int | None = Non
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(lambda row: _load_item(folder, *row), rows))
-    records, skipped = [], []
-    for (row_no, filename, *_), result in zip(rows, results):
-        if isinstance(result, BiometryInputError):
-            if not skip_bad:
-                raise result
-            skipped.append((filename, str(result)))
-        else:
-            records.append(result)
-    return records, skipped
+    return collect(results, [filename for _, filename, *_ in rows], skip_bad=skip_bad)
 
 
 def _read_csv(path: Path) -> list[tuple[int, str, float, float | None]]:

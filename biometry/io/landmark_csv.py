@@ -52,12 +52,18 @@ def read_landmark_csv(path: Path, *, skip_bad: bool = False):
 
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
         results = list(pool.map(parse, enumerate(rows, start=1)))
+    return collect(results, [f"{path} row {n}" for n in range(1, len(rows) + 1)], skip_bad=skip_bad)
+
+
+def collect(results: list, items: list[str], *, skip_bad: bool):
+    """Split per-item results (a record or the BiometryInputError it raised) into
+    ``(records, skipped)``; without ``skip_bad`` the first error is raised."""
     records, skipped = [], []
-    for row_no, result in enumerate(results, start=1):
+    for item, result in zip(items, results):
         if isinstance(result, BiometryInputError):
             if not skip_bad:
                 raise result
-            skipped.append((f"{path} row {row_no}", str(result)))
+            skipped.append((item, str(result)))
         else:
             records.append(result)
     return records, skipped
