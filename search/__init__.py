@@ -1,0 +1,1 @@
+"""The search driver: Ray Tune + Optuna TPE + ASHA, tracked in MLflow."""

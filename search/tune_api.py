@@ -1,0 +1,189 @@
+"""Every Ray call the search driver makes, in one place (Ray's API moves; this file moves with it)."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import ray
+from ray import tune
+from ray.tune import Callback, CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from biometry.errors import BiometryInputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Callback", "connect", "cluster_resources", "check_resources", "PruneAwareOptunaSearch",
+           "make_scheduler", "make_tuner", "restore_tuner", "can_restore", "dashboard_url"]
+
+
+def connect(*, dashboard_port: int = 8265, num_cpus: int | None = None,
+            include_dashboard: bool = True) -> dict[str, Any]:
+    """Join ``RAY_ADDRESS`` or a running cluster, else start a local one (with the dashboard)."""
+    if ray.is_initialized():
+        return {}
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
+    if os.environ.get("RAY_ADDRESS", "") in ("", "local"):  # we start the cluster
+        kwargs.update(include_dashboard=include_dashboard, dashboard_port=dashboard_port,
+                      dashboard_host="127.0.0.1")
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+    context = ray.init(**kwargs)
+    return {"dashboard_url": getattr(context, "dashboard_url", None) or ""}
+
+
+def dashboard_url(info: dict[str, Any]) -> str:
+    url = info.get("dashboard_url") or ""
+    if url and not url.startswith("http"):
+        url = f"http://{url}"
+    return url
+
+
+def cluster_resources() -> dict[str, float]:
+    resources = ray.cluster_resources()
+    return {"CPU": float(resources.get("CPU", 0)), "GPU": float(resources.get("GPU", 0)),
+            "nodes": float(len([n for n in ray.nodes() if n.get("Alive")]))}
+
+
+def check_resources(*, cpus_per_trial: float, gpus_per_trial: float) -> dict[str, float]:
+    """Refuse, in one line, a per-trial request the cluster can never give (Ray would leave such
+    trials PENDING forever)."""
+    have = cluster_resources()
+    if cpus_per_trial <= 0:
+        raise BiometryInputError(f"--cpus-per-trial must be positive but got {cpus_per_trial}")
+    if gpus_per_trial < 0:
+        raise BiometryInputError(f"--gpus-per-trial cannot be negative but got {gpus_per_trial}")
+    if gpus_per_trial > 0 and have["GPU"] == 0:
+        raise BiometryInputError(f"--gpus-per-trial {gpus_per_trial} asks for a GPU but the Ray "
+                                 f"cluster has none (CPU {have['CPU']:g}); use --preset cpu or "
+                                 f"--gpus-per-trial 0")
+    largest_gpu_node, largest_cpu_node = _largest_node()
+    if gpus_per_trial > largest_gpu_node:
+        raise BiometryInputError(f"--gpus-per-trial {gpus_per_trial} is more than any node has "
+                                 f"({largest_gpu_node:g} GPU)")
+    if cpus_per_trial > largest_cpu_node:
+        raise BiometryInputError(f"--cpus-per-trial {cpus_per_trial} is more than any node has "
+                                 f"({largest_cpu_node:g} CPU)")
+    return have
+
+
+def _largest_node() -> tuple[float, float]:
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpus = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)
+    cpus = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
+    return gpus, cpus
+
+
+class PruneAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about each trial.
+
+    Ray's OptunaSearch reports a trial stopped early by ASHA as COMPLETE with its last
+    (early-epoch) value, which misleads TPE: early epochs here are far from final values. This
+    subclass tells Optuna PRUNED for any trial that did not reach ``max_epochs``, FAIL for errors
+    and non-finite values, and COMPLETE with the trial's best validation value otherwise.
+    """
+
+    def __init__(self, *, max_epochs: int, best_metric: str, **kwargs):
+        super().__init__(**kwargs)
+        self._max_epochs = max_epochs
+        self._best_metric = best_metric
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot_trials and math.isfinite(float(result.get(self.metric, math.nan))):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        finished = bool(result) and result.get("training_iteration", 0) >= self._max_epochs
+        value = float((result or {}).get(self._best_metric, math.nan))
+        if error or (finished and not math.isfinite(value)):
+            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
+        elif finished:
+            self._ot_study.tell(ot_trial, value, state=optuna.trial.TrialState.COMPLETE)
+        else:
+            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """After a driver crash, trials the study still holds as RUNNING but no Ray trial will
+        resume (asked after the last searcher save) are closed as FAIL, so none stays open."""
+        super().restore(checkpoint_path)
+        known = {t.number for t in self._ot_trials.values()}
+        for frozen in self._ot_study.get_trials(deepcopy=False,
+                                                states=(optuna.trial.TrialState.RUNNING,)):
+            if frozen.number not in known:
+                self._ot_study.tell(frozen.number, None, state=optuna.trial.TrialState.FAIL)
+
+
+def make_searcher(*, space: Callable, metric: str, best_metric: str, max_epochs: int,
+                  storage_path: Path, study_name: str, seed: int,
+                  n_startup_trials: int) -> PruneAwareOptunaSearch:
+    """Seeded TPE on a journal-file study in the run folder (``optuna-dashboard`` can open it)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(storage_path)))
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials,
+                                         multivariate=True, constant_liar=True)
+    return PruneAwareOptunaSearch(space=space, metric=metric, mode="min", sampler=sampler,
+                                  storage=storage, study_name=study_name, max_epochs=max_epochs,
+                                  best_metric=best_metric)
+
+
+def make_scheduler(*, metric: str, max_t: int, grace_period: int,
+                   reduction_factor: float) -> ASHAScheduler:
+    return ASHAScheduler(time_attr="training_iteration", metric=metric, mode="min", max_t=max_t,
+                         grace_period=grace_period, reduction_factor=reduction_factor)
+
+
+def make_tuner(trainable: Callable, *, data: Any, base_config: dict, searcher, scheduler,
+               num_samples: int, max_concurrent: int, cpus_per_trial: float,
+               gpus_per_trial: float, time_budget_s: float | None, storage_path: str, name: str,
+               callbacks: list, metric: str, max_failures: int, verbose: int = 1) -> Tuner:
+    return Tuner(
+        _with_resources(trainable, data=data, base_config=base_config, cpus=cpus_per_trial,
+                        gpus=gpus_per_trial),
+        tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                               max_concurrent_trials=max_concurrent, time_budget_s=time_budget_s,
+                               reuse_actors=False, trial_name_creator=_trial_name,
+                               trial_dirname_creator=_trial_name),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks, verbose=verbose,
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=max_failures)),
+    )
+
+
+def _trial_name(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def can_restore(path: str | Path) -> bool:
+    return Tuner.can_restore(str(path))
+
+
+def restore_tuner(path: str | Path, trainable: Callable, *, data: Any, base_config: dict,
+                  cpus_per_trial: float, gpus_per_trial: float) -> Tuner:
+    return Tuner.restore(str(path), _with_resources(trainable, data=data, base_config=base_config,
+                                                     cpus=cpus_per_trial, gpus=gpus_per_trial),
+                         resume_unfinished=True, resume_errored=True)
+
+
+def _with_resources(trainable: Callable, *, data: Any, base_config: dict, cpus: float,
+                    gpus: float):
+    wrapped = tune.with_parameters(trainable, data=data, base_config=base_config)
+    return tune.with_resources(wrapped, {"cpu": cpus, "gpu": gpus})
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,170 @@
+"""The search with real Ray (2 CPUs), Optuna and MLflow on synthetic data."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from biometry.errors import BiometryInputError
+from search import run as search_run
+from search.space import load_space, space_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_preset(path: Path, *, num_samples: int, epochs: int, concurrent: int = 1,
+                 space: str = "configs/search/smoke.yaml", **search) -> Path:
+    preset = yaml.safe_load((REPO / "configs/presets/smoke.yaml").read_text())
+    preset["trial"]["train"]["epochs"] = epochs
+    preset["search"].update(num_samples=num_samples, max_concurrent_trials=concurrent,
+                            grace_period=1, reduction_factor=2, space=space, **search)
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+def mlflow_runs(run_dir: Path, name: str):
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(name)
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def load_study(run_dir: Path, name: str) -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_space_validation_names_the_key(tmp_path):
+    with pytest.raises(BiometryInputError, match="'params.train.lr' has low 0.1 > high 0.01"):
+        space_from_dict({"params": {"train.lr": {"low": 0.1, "high": 0.01}}})
+    with pytest.raises(BiometryInputError, match="'params.train.lrr' is not a trial config key"):
+        space_from_dict({"params": {"train.lrr": {"low": 0.1, "high": 0.2}}})
+    with pytest.raises(BiometryInputError, match="unknown key 'params.model.name.choice'"):
+        space_from_dict({"params": {"model.name": {"choice": ["unet"]}}})
+    bad = tmp_path / "s.yaml"
+    bad.write_text("params: [\n")
+    with pytest.raises(BiometryInputError, match="s.yaml: invalid YAML"):
+        load_space(bad)
+
+
+def test_default_space_samples_valid_configs():
+    space = load_space(REPO / "configs/search/default.yaml")
+    preset = search_run.load_preset("cpu")
+    search_run.validate_space_against_config(space, preset.trial, samples=30)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    values = [space(study.ask()) for _ in range(40)]
+    assert {v["model.name"] for v in values} == {"unet", "unet_multihead", "hrnet_compact"}
+    assert any(v["loss.angle_weight"] == 0.0 for v in values)
+    assert any(v["loss.angle_weight"] > 0.0 for v in values)
+    assert all(len(v["loss.channel_weights"]) == 4 for v in values)
+
+
+def test_search_with_asha_mlflow_and_optuna(tmp_path, ray_session):
+    preset = write_preset(tmp_path / "p.yaml", num_samples=4, epochs=4,
+                          space=str(tmp_path / "space.yaml"))
+    # one learning rate that cannot learn, so ASHA has something to stop
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"params": {
+        "train.lr": {"choices": [1.0e-7, 3.0e-3]}, "augment.rotate_deg": {"low": 0.0, "high": 5.0}}}))
+    rc = search_run.main(["--preset", str(preset), "--out", str(tmp_path / "runs"),
+                          "--name", "t4", "--seed", "3"])
+    assert rc == 0
+    run_dir = tmp_path / "runs" / "t4"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_trials"] == 4
+    assert (run_dir / "best" / "model.pt").is_file() and (run_dir / "best" / "model.yaml").is_file()
+
+    client, runs = mlflow_runs(run_dir, "t4")
+    parents = [r for r in runs if r.data.tags.get("role") == "search"]
+    children = [r for r in runs if r.data.tags.get("role") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert len({r.data.tags["ray_trial_id"] for r in children}) == 4
+    epochs = [len(client.get_metric_history(r.info.run_id, "val_measure_l1_mm")) for r in children]
+    assert max(epochs) == 4 and min(epochs) < 4, epochs  # ASHA stopped at least one early
+    assert all(r.info.status == "FINISHED" for r in children)
+
+    study = load_study(run_dir, "t4")
+    states = sorted(t.state.name for t in study.trials)
+    n_stopped = sum(e < 4 for e in epochs)
+    assert states.count("PRUNED") == n_stopped and states.count("COMPLETE") == 4 - n_stopped
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    best_mlflow = min(r.data.metrics["best_val_measure_l1_mm"] for r in children)
+    assert min(t.value for t in complete) == pytest.approx(best_mlflow)
+
+
+def test_smoke_preset_command(tmp_path):
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "search/run.py", "--preset", "smoke", "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_ADDRESS": "local"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dirs = list(tmp_path.glob("search-*"))
+    assert len(run_dirs) == 1
+    assert (run_dirs[0] / "summary.json").is_file() and (run_dirs[0] / "best" / "model.pt").is_file()
+    assert "top 2 trials" in proc.stdout
+    print(f"smoke search took {time.perf_counter() - started:.1f}s")
+
+
+def test_impossible_gpu_request_is_refused(tmp_path, ray_session):
+    args = search_run.parse_args(["--preset", "smoke", "--gpus-per-trial", "1", "--out",
+                                  str(tmp_path)])
+    with pytest.raises(BiometryInputError, match="asks for a GPU but the Ray cluster has none"):
+        search_run.run_search(args)
+
+
+def test_existing_run_is_not_overwritten(tmp_path, ray_session):
+    run_dir = tmp_path / "same"
+    run_dir.mkdir()
+    (run_dir / "search.json").write_text("{}")
+    args = search_run.parse_args(["--preset", "smoke", "--out", str(tmp_path), "--name", "same"])
+    with pytest.raises(BiometryInputError, match="pass --resume"):
+        search_run.run_search(args)
+    assert (run_dir / "search.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path):
+    preset = write_preset(tmp_path / "p.yaml", num_samples=5, epochs=3, concurrent=1)
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "search/run.py", "--preset", str(preset), "--out", str(out),
+           "--name", "k"]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = out / "k"
+    deadline = time.time() + 240
+    while time.time() < deadline and started_trials(run_dir) < 3:  # one at a time: 2 done
+        time.sleep(0.5)
+    assert started_trials(run_dir) >= 3, "search made no progress"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_trials"] == 5
+    _, runs = mlflow_runs(run_dir, "k")
+    children = [r for r in runs if r.data.tags.get("role") == "trial"]
+    trial_ids = [r.data.tags["ray_trial_id"] for r in children]
+    assert len(trial_ids) == len(set(trial_ids)) == 5
+    assert len([r for r in runs if r.data.tags.get("role") == "search"]) == 1
+    study = load_study(run_dir, "k")
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+
+
+def started_trials(run_dir: Path) -> int:
+    """Trials that reported at least one epoch (read from Ray's files, not MLflow's database)."""
+    return sum(1 for p in run_dir.glob("trial_*/result.json") if p.stat().st_size > 0)
