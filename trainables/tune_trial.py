@@ -18,7 +18,8 @@ def tune_trainable(config: dict, *, data: PreparedSplits, base_config: dict) -> 
 
     raw = copy.deepcopy(base_config)
     for dotted, value in config.items():
-        set_dotted(raw, dotted, value)
+        if "@" not in dotted:  # names with "@" are the sampler's own (see search/space.py)
+            set_dotted(raw, dotted, value)
     cfg = config_from_dict(raw, source="search space")
 
     def report(metrics: dict, checkpoint_dir: Path) -> None:
