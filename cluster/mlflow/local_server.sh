@@ -204,9 +204,10 @@ EOF
     until health "$uri/health"; do
         if ! kill -0 "$pid" 2>/dev/null; then
             tail -n 30 "$STATE/mlflow.log" >&2
+            stop_all
             die "mlflow server exited (log: $STATE/mlflow.log)"
         fi
-        ((SECONDS < deadline)) || { tail -n 30 "$STATE/mlflow.log" >&2; die "no answer from $uri/health"; }
+        ((SECONDS < deadline)) || { tail -n 30 "$STATE/mlflow.log" >&2; stop_all; die "no answer from $uri/health"; }
         sleep 0.3
     done
 }
