@@ -150,6 +150,9 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, str]:
         name = time.strftime("search-%Y%m%d-%H%M%S")
     if "/" in name or name in (".", ".."):
         raise BiometryInputError(f"--name {name!r}: a plain folder name is required")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise BiometryInputError(f"--out {args.out}: {existing} is a file, not a folder")
     run_dir = out / name
     if args.resume and not (run_dir / "search.json").is_file():
         raise BiometryInputError(f"--resume: {run_dir} holds no search (search.json missing)")
@@ -208,6 +211,18 @@ def outlier_names(data_cfg, fraction: float) -> set[str]:
     return {name for name, _ in ranked[:int(round(fraction * len(ranked)))]}
 
 
+def prepare_data(base_cfg):
+    """Import, split and decode the data once (a bad file fails here, naming it)."""
+    from trainables.data import prepare_splits
+
+    exclude = outlier_names(base_cfg.data, base_cfg.data.exclude_outliers)
+    data = prepare_splits(base_cfg.data, exclude=exclude)
+    print(f"data: {data.source}: {len(data.train)} train / {len(data.val)} val images "
+          f"(test split of {len(data.split_names.get('test', []))} kept out of the search"
+          f"{f'; {len(exclude)} outlier labels excluded' if exclude else ''})")
+    return data, exclude
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -227,7 +242,6 @@ def run_search(args: argparse.Namespace) -> int:
     from search.space import load_space
     from search.tracking import MlflowSearchLogger, check_tracking_uri, local_tracking_uri
     from trainables.config import config_from_dict
-    from trainables.data import prepare_splits
     from trainables.tune_trial import tune_trainable
 
     run_dir, name = resolve_run_dir(args)
@@ -240,15 +254,30 @@ def run_search(args: argparse.Namespace) -> int:
     if tracking_uri:
         check_tracking_uri(tracking_uri)
 
-    info = tune_api.connect()
-    resources = tune_api.cluster_resources()
+    # Ray starts here only when the default preset depends on the cluster's GPUs; otherwise
+    # the flags, trial config, space and data are all checked before the cluster starts.
+    info = None
     if not args.preset:
-        args.preset = "gpu" if resources["GPU"] > 0 else "cpu"
+        info = tune_api.connect()
+        args.preset = "gpu" if tune_api.cluster_resources()["GPU"] > 0 else "cpu"
         preset = load_preset(args.preset)
     preset = apply_flags(preset, args)
     settings = preset.search
     if saved:
         preset.trial = saved["trial"]
+    base_cfg = config_from_dict(preset.trial, source=f"preset {preset.name}")
+    space = load_space(REPO_ROOT / settings.space if not Path(settings.space).is_absolute()
+                       else settings.space)
+    validate_space_against_config(space, preset.trial)
+    # data: the smoke preset makes a synthetic set (in the run folder); everything is decoded
+    # once, here
+    synthetic = bool(settings.synthetic_images and not args.data
+                     and not preset.trial.get("data", {}).get("path"))
+    data, exclude = (None, set()) if synthetic else prepare_data(base_cfg)
+
+    if info is None:
+        info = tune_api.connect()
+    resources = tune_api.cluster_resources()
     tune_api.check_resources(cpus_per_trial=settings.cpus_per_trial,
                              gpus_per_trial=settings.gpus_per_trial)
     storage = args.storage or (saved or {}).get("storage") or str(run_dir.parent)
@@ -259,22 +288,13 @@ def run_search(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or local_tracking_uri(run_dir)
     check_tracking_uri(tracking_uri)
-
-    # data: the smoke preset makes a synthetic set; everything is decoded once, here
-    if settings.synthetic_images and not args.data and not preset.trial.get("data", {}).get("path"):
+    if synthetic:
         from biometry.io import write_synthetic_dataset
 
         csv = write_synthetic_dataset(run_dir / "synthetic", n=settings.synthetic_images, seed=0)
         preset.trial.setdefault("data", {})["path"] = str(csv)
-    base_cfg = config_from_dict(preset.trial, source=f"preset {preset.name}")
-    space = load_space(REPO_ROOT / settings.space if not Path(settings.space).is_absolute()
-                       else settings.space)
-    validate_space_against_config(space, preset.trial)
-    exclude = outlier_names(base_cfg.data, base_cfg.data.exclude_outliers)
-    data = prepare_splits(base_cfg.data, exclude=exclude)
-    print(f"data: {data.source}: {len(data.train)} train / {len(data.val)} val images "
-          f"(test split of {len(data.split_names.get('test', []))} kept out of the search"
-          f"{f'; {len(exclude)} outlier labels excluded' if exclude else ''})")
+        base_cfg = config_from_dict(preset.trial, source=f"preset {preset.name}")
+        data, exclude = prepare_data(base_cfg)
     if not saved:
         write_json(run_dir / "search.json", {
             "name": name, "preset": preset.name, "trial": preset.trial,
