@@ -28,6 +28,8 @@ if str(REPO_ROOT) not in sys.path:  # `python search/run.py` from a plain checko
 import yaml  # noqa: E402
 
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# stderr carries warnings and errors only (a bad input is ONE line there); stdout the progress
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 from biometry.errors import BiometryInputError  # noqa: E402
 
@@ -225,6 +227,9 @@ def prepare_data(base_cfg):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return run_search(args)
     except (BiometryInputError, OSError) as err:

@@ -27,13 +27,17 @@ def connect(*, dashboard_port: int = 8265, num_cpus: int | None = None,
     """Join ``RAY_ADDRESS`` or a running cluster, else start a local one (with the dashboard)."""
     if ray.is_initialized():
         return {}
-    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
+    # Ray's INFO lines and its token-auth notice would go to stderr, where a bad input must be
+    # one line; the dashboard URL and how to get the token are printed by run.py instead.
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False,
+                              "logging_level": logging.ERROR}
     if os.environ.get("RAY_ADDRESS", "") in ("", "local"):  # we start the cluster
         kwargs.update(include_dashboard=include_dashboard, dashboard_port=dashboard_port,
                       dashboard_host="127.0.0.1")
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
     context = ray.init(**kwargs)
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Tune's warnings during the search
     return {"dashboard_url": getattr(context, "dashboard_url", None) or ""}
 
 
