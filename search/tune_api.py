@@ -32,13 +32,28 @@ def connect(*, dashboard_port: int = 8265, num_cpus: int | None = None,
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False,
                               "logging_level": logging.ERROR}
     if os.environ.get("RAY_ADDRESS", "") in ("", "local"):  # we start the cluster
-        kwargs.update(include_dashboard=include_dashboard, dashboard_port=dashboard_port,
-                      dashboard_host="127.0.0.1")
+        kwargs.update(include_dashboard=include_dashboard,
+                      dashboard_port=_free_port(dashboard_port), dashboard_host="127.0.0.1")
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
     context = ray.init(**kwargs)
     logging.getLogger("ray").setLevel(logging.WARNING)  # Tune's warnings during the search
     return {"dashboard_url": getattr(context, "dashboard_url", None) or ""}
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens there, else a free port: with a second search (or any
+    dashboard) on 8265, ``ray.init`` fails after a minute with a traceback."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    return preferred
 
 
 def dashboard_url(info: dict[str, Any]) -> str:
