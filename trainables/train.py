@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -37,6 +38,48 @@ TRAINER_STATE = "trainer.pt"
 
 # reporter(metrics, checkpoint_dir): called once per epoch; the folder is only valid during the call
 Reporter = Callable[[dict, Path], None]
+
+
+# -- TEST HOOK: fault injection -----------------------------------------------------------
+# Off unless the environment variable is set; used by tests/reliability/test_faults.py to make a
+# trial fail on purpose. Ray trial workers inherit the driver's environment on a local cluster.
+#   BIOMETRY_FAULT="raise_at_epoch=2"                       every trial raises before epoch 2
+#   BIOMETRY_FAULT="raise_at_epoch=2,once_file=/tmp/f"      only the first trial to get there
+#       (it creates /tmp/f, holding "pid cwd epoch"), so a restarted trial succeeds
+#   BIOMETRY_FAULT="sleep_s=1.5"                            sleep after each epoch's report,
+#       so a test can kill a trial's process mid-trial
+FAULT_ENV = "BIOMETRY_FAULT"
+FAULT_KEYS = {"raise_at_epoch": int, "once_file": str, "sleep_s": float}
+
+
+def injected_faults() -> dict:
+    """Parse ``BIOMETRY_FAULT`` (test hook; see above); ``{}`` when unset."""
+    text = os.environ.get(FAULT_ENV, "").strip()
+    faults = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in FAULT_KEYS:
+            raise BiometryInputError(f"{FAULT_ENV}: unknown key '{key}' (known: "
+                                     f"{', '.join(FAULT_KEYS)})")
+        try:
+            faults[key] = FAULT_KEYS[key](value)
+        except ValueError:
+            raise BiometryInputError(f"{FAULT_ENV}: '{key}' must be "
+                                     f"{FAULT_KEYS[key].__name__} but got {value!r}") from None
+    return faults
+
+
+def _maybe_raise_injected(faults: dict, epoch: int) -> None:
+    if faults.get("raise_at_epoch") != epoch:
+        return
+    if "once_file" in faults:
+        try:
+            fd = os.open(faults["once_file"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # fired already, in this trial before a restart or in another trial
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {os.getcwd()} {epoch}\n")
+    raise RuntimeError(f"{FAULT_ENV}: injected fault at epoch {epoch}")
 
 
 @dataclass
@@ -143,7 +186,9 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
     predictor = LandmarkPredictor(model, spec, device=device)
 
     best_metrics: dict = {}
+    faults = injected_faults()
     for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
+        _maybe_raise_injected(faults, epoch)
         started = time.perf_counter()
         loader.generator.manual_seed(cfg.train.seed * 100003 + epoch)
 
@@ -206,6 +251,8 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
                 reporter(metrics, Path(tmp))
             else:
                 keep_checkpoint(Path(tmp), out_dir, is_best=state.best_epoch == epoch)
+        if faults.get("sleep_s"):
+            time.sleep(faults["sleep_s"])
     if reporter is None:
         write_metrics(out_dir, best_metrics, state)
     return best_metrics
