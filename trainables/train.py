@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         resume = out_dir / "checkpoint" if args.resume else None
         if resume is not None and not (resume / TRAINER_STATE).is_file():
             raise BiometryInputError(f"{resume}: no checkpoint to resume from")
+        out_dir.mkdir(parents=True, exist_ok=True)  # an unusable --out fails before training
         best = run_trial(cfg, out_dir=out_dir, resume_from=resume)
     except (BiometryInputError, OSError, FloatingPointError) as err:
         if args.debug:
