@@ -56,7 +56,8 @@ def corrupt(landmarks: np.ndarray, kind: str, *, image_hw) -> np.ndarray:
     if kind.startswith("shift"):
         _, which, fraction = kind.split(":")
         k = {"bpd": 0, "ofd": 3}[which]
-        other = lm[1 - k] if k < 2 else lm[2]  # move perpendicular to the diameter, inwards if needed
+        # move perpendicular to the diameter, inwards when outwards leaves the image
+        other = lm[1 - k] if k < 2 else lm[2]
         direction = np.array([-(lm[k] - other)[1], (lm[k] - other)[0]])
         direction /= np.linalg.norm(direction)
         moved = lm[k] + float(fraction) * ofd * direction
@@ -149,7 +150,8 @@ def test_search_outlier_names_uses_these_scores(corrupted_csv):
     assert len(names) == round(0.05 * len(train))
     assert names == set(eda.core_subset(train, exclude_fraction=0.05)[1])
     in_train = bad & {r.name for r in train}
-    assert in_train and ((names <= in_train) if len(in_train) >= len(names) else (in_train <= names))
+    assert in_train
+    assert (names <= in_train) if len(in_train) >= len(names) else (in_train <= names)
 
 
 def test_scores_ignore_endpoint_order_pose_and_row_order(hc18_100):
@@ -263,3 +265,10 @@ def test_bad_top_is_refused():
     eda_command.add_arguments(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["data.csv", "--out", "x", "--top", "-1"])
+
+
+def test_density_order_is_the_trainers_order(hc18_100):
+    from biometry.transforms import Orientation
+
+    lm = np.array([r.landmarks for r in hc18_100])
+    np.testing.assert_array_equal(eda.order_pairs(lm), Orientation.fit(lm).apply(lm))

@@ -8,6 +8,7 @@ images), ``DIR/outliers.csv`` (``image,score,reasons``, every image, highest sco
 from __future__ import annotations
 
 import argparse
+import csv
 import time
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
 def summary_text(report: dict, out: Path, *, seconds: tuple[float, float]) -> str:
     swap, outliers = report["swap"], report["outliers"]
+    with open(out / "outliers.csv", newline="", encoding="utf-8") as f:
+        top5 = [row for _, row in zip(range(5), csv.DictReader(f))]
     lines = [
         f"{report['source']}: {report['n_images']} images, {report['n_subjects']} subjects, "
         f"{len(report['skipped'])} skipped",
@@ -43,9 +46,10 @@ def summary_text(report: dict, out: Path, *, seconds: tuple[float, float]) -> st
         + (" (columns swapped back)" if swap["fixed"] else "")
         + (f"; after import: {len(swap['bpd_longer_than_ofd'])}" if swap["bpd_longer_than_ofd"]
            else ""),
-        f"outliers: {outliers['n_flagged']} above the cutoff {outliers['cutoff']:.2f}; top 5:",
-        *(f"  {row['score']:8.2f}  {row['image']}  {'; '.join(row['reasons'])}".rstrip()
-          for row in outliers["top"][:5]),
+        f"outliers: {outliers['n_flagged']} above the cutoff {outliers['cutoff']:.2f}; "
+        f"top {len(top5)}:",
+        *(f"  {float(row['score']):8.2f}  {row['image']}  {row['reasons']}".rstrip()
+          for row in top5),
         f"wrote {out / 'report.md'}, {out / 'outliers.csv'}, {out / 'eda.json'} "
         f"({seconds[1]:.1f} s, import {seconds[0]:.1f} s)",
     ]
