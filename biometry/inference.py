@@ -145,7 +145,7 @@ class LandmarkPredictor:
             coords_f = decode_coords(flipped, self.codec, beta=self.spec.softargmax_beta)
             coords_f = coords_f.cpu().numpy()
             coords_f[..., 0] = self.spec.input_hw[1] - 1 - coords_f[..., 0]
-            coords = 0.5 * (coords + self.orientation.apply(coords_f))
+            coords = 0.5 * (coords + match_pairs(coords_f, coords))
         return coords, uncertainty
 
     def predict(self, images: list[np.ndarray], *, batch_size: int = 16):
@@ -166,6 +166,22 @@ class LandmarkPredictor:
         if threshold is None:
             return np.zeros(len(uncertainty), dtype=int)
         return (np.asarray(uncertainty) > threshold).astype(int)
+
+
+def match_pairs(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Order each endpoint pair of ``points`` (..., 4, 2) like the nearer assignment to
+    ``reference``: two predictions of one image can order a pair differently, and averaging
+    mismatched endpoints would shrink the diameter."""
+    out = points.copy()
+    for pair in ((0, 1), (2, 3)):
+        a, b = pair
+        straight = (np.linalg.norm(points[..., a, :] - reference[..., a, :], axis=-1)
+                    + np.linalg.norm(points[..., b, :] - reference[..., b, :], axis=-1))
+        crossed = (np.linalg.norm(points[..., b, :] - reference[..., a, :], axis=-1)
+                   + np.linalg.norm(points[..., a, :] - reference[..., b, :], axis=-1))
+        swap = crossed < straight
+        out[swap, a], out[swap, b] = points[swap, b], points[swap, a]
+    return out
 
 
 def _plain(value: Any) -> Any:

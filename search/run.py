@@ -311,6 +311,7 @@ def run_search(args: argparse.Namespace) -> int:
     print_watch_info(info, run_dir, tracking_uri, resources, preset)
     callback = MlflowSearchLogger(
         tracking_uri=tracking_uri, experiment_name=name, search_name=name, objective=OBJECTIVE,
+        artifact_location=None if args.mlflow_uri else (run_dir / "mlartifacts").as_uri(),
         search_params={"preset": preset.name, "num_samples": settings.num_samples,
                        "data": data.source, "exclude_outliers": base_cfg.data.exclude_outliers,
                        **{f"base.{k}": v for k, v in base_cfg.flat().items()}})

@@ -157,7 +157,8 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
                      coverage_target=cfg.train.coverage_target,
                      data={"source": data.source, "split_seed": cfg.data.split_seed,
                            "val_fraction": cfg.data.val_fraction,
-                           "test_fraction": cfg.data.test_fraction},
+                           "test_fraction": cfg.data.test_fraction, "limit": cfg.data.limit,
+                           "exclude_outliers": cfg.data.exclude_outliers},
                      trial_config=cfg.to_dict())
     codec = spec.codec()
     train_set = HeatmapDataset(data.train, codec=codec, orientation=data.orientation,
