@@ -127,10 +127,13 @@ def test_local_mlflow_server_on_postgres_round_trip(tmp_path):
             psycopg2.connect(host="127.0.0.1", port=pg_port, user="mlflow", dbname="mlflow", password="wrong")
     finally:
         stopped = _script("stop", str(state), timeout=180)
-    assert stopped.returncode == 0, stopped.stderr[-2000:]
-    assert not _listening(ml_port) and not _listening(pg_port)
-    assert _script("status", str(state), timeout=60).returncode != 0
-    purged = _script("purge", str(state), timeout=120)
+    try:
+        assert stopped.returncode == 0, stopped.stderr[-2000:]
+        assert not _listening(ml_port) and not _listening(pg_port)
+        assert _script("status", str(state), timeout=60).returncode != 0
+    finally:
+        # purge also removes the PostgreSQL data dir kept outside tmp_path when running as root
+        purged = _script("purge", str(state), timeout=120)
     assert purged.returncode == 0, purged.stderr[-2000:]
     assert not state.exists()
     print(f"local MLflow+PostgreSQL server up in {start_s:.1f}s")
