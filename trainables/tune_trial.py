@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ray
 from ray import tune
 
 from trainables.config import config_from_dict
@@ -22,8 +23,11 @@ def tune_trainable(config: dict, *, data: PreparedSplits, base_config: dict) -> 
             set_dotted(raw, dotted, value)
     cfg = config_from_dict(raw, source="search space")
 
+    node_id = ray.get_runtime_context().get_node_id()  # where the trial ran (multi-node checks)
+
     def report(metrics: dict, checkpoint_dir: Path) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        tune.report({**metrics, "node_id": node_id},
+                    checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
