@@ -22,7 +22,7 @@ __all__ = ["Callback", "connect", "cluster_resources", "check_resources", "Prune
            "make_scheduler", "make_tuner", "restore_tuner", "can_restore", "dashboard_url"]
 
 
-def connect(*, dashboard_port: int = 8265, num_cpus: int | None = None,
+def connect(*, dashboard_port: int | None = None, num_cpus: int | None = None,
             include_dashboard: bool = True) -> dict[str, Any]:
     """Join ``RAY_ADDRESS`` or a running cluster, else start a local one (with the dashboard)."""
     if ray.is_initialized():
@@ -32,28 +32,14 @@ def connect(*, dashboard_port: int = 8265, num_cpus: int | None = None,
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False,
                               "logging_level": logging.ERROR}
     if os.environ.get("RAY_ADDRESS", "") in ("", "local"):  # we start the cluster
-        kwargs.update(include_dashboard=include_dashboard,
-                      dashboard_port=_free_port(dashboard_port), dashboard_host="127.0.0.1")
+        kwargs.update(include_dashboard=include_dashboard, dashboard_host="127.0.0.1")
+        if dashboard_port is not None:  # None: 8265, or the next free one (Ray retries 50)
+            kwargs["dashboard_port"] = dashboard_port
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
     context = ray.init(**kwargs)
     logging.getLogger("ray").setLevel(logging.WARNING)  # Tune's warnings during the search
     return {"dashboard_url": getattr(context, "dashboard_url", None) or ""}
-
-
-def _free_port(preferred: int) -> int:
-    """``preferred`` if nothing listens there, else a free port: with a second search (or any
-    dashboard) on 8265, ``ray.init`` fails after a minute with a traceback."""
-    import socket
-
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    return preferred
 
 
 def dashboard_url(info: dict[str, Any]) -> str:
