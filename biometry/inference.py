@@ -93,7 +93,10 @@ def load_model_folder(folder: str | Path, *, device: str | torch.device = "cpu")
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt file
         raise BiometryInputError(f"{weights}: cannot load weights ({type(err).__name__})") from None
-    model = create_model(spec.architecture, **spec.model_kwargs)
+    try:
+        model = create_model(spec.architecture, **dict(spec.model_kwargs or {}))
+    except (ValueError, TypeError) as err:  # unknown architecture or option
+        raise BiometryInputError(f"{folder / 'model.yaml'}: {err}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError:
