@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import cv2
+
+    # OpenCV logs a corrupt PNG as a WARN line on stderr, before our one error line
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)

@@ -227,9 +227,11 @@ def prepare_data(base_cfg):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import cv2
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # a corrupt PNG: one line
     try:
         return run_search(args)
     except (BiometryInputError, OSError) as err:
