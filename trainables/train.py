@@ -276,11 +276,19 @@ def load_trainer_state(folder: str | Path, model, optimizer, schedule,
     if spec.trial_config and spec.trial_config.get("model") != cfg.to_dict()["model"]:
         raise BiometryInputError(f"{folder}: checkpoint was trained with model "
                                  f"{spec.trial_config.get('model')}, not {cfg.to_dict()['model']}")
-    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
-    trainer = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
-    schedule.load_state_dict(trainer["schedule"])
-    return TrainerState(**trainer["state"])
+    path = folder / "model.pt"
+    try:  # a refused (non-tensor) or corrupt file is one line, naming it
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        path = folder / TRAINER_STATE
+        trainer = torch.load(path, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(trainer["optimizer"])
+        schedule.load_state_dict(trainer["schedule"])
+        return TrainerState(**trainer["state"])
+    except FileNotFoundError:
+        raise BiometryInputError(f"{path}: not found") from None
+    except Exception as err:  # torch raises many types (UnpicklingError, RuntimeError, ...)
+        raise BiometryInputError(f"{path}: cannot load the checkpoint "
+                                 f"({type(err).__name__})") from None
 
 
 def keep_checkpoint(checkpoint: Path, out_dir: Path, *, is_best: bool) -> None:
