@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides=overrides)
         out_dir = Path(args.out)
         resume = out_dir / "checkpoint" if args.resume else None
+        if resume is not None and not resume.exists() and (out_dir / "checkpoint.old").is_dir():
+            resume = out_dir / "checkpoint.old"  # a crash between _swap_dir's two renames
         if resume is not None and not (resume / TRAINER_STATE).is_file():
             raise BiometryInputError(f"{resume}: no checkpoint to resume from")
         out_dir.mkdir(parents=True, exist_ok=True)  # an unusable --out fails before training
