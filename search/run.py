@@ -192,7 +192,9 @@ def validate_space_against_config(space, base_trial: dict, *, samples: int = 8) 
     for _ in range(samples):
         trial = study.ask()
         raw = json.loads(json.dumps(base_trial))
-        for key, value in trial_overrides(space(trial)).items():
+        returned = space(trial)
+        # what a trial receives: Ray's OptunaSearch merges the sampled names with the returned dict
+        for key, value in trial_overrides({**trial.params, **returned}).items():
             set_dotted(raw, key, value)
         config_from_dict(raw, source=f"{space.source} + preset")
         study.tell(trial, 0.0)

@@ -69,7 +69,7 @@ class SearchSpace:
         """Optuna define-by-run function: sample and return the trial's dotted config keys."""
         values: dict[str, Any] = {}
         for dist in self.params:
-            values[dist.key] = dist.sample(trial, dist.key)
+            values[dist.key] = dist.sample(trial, sampler_name(dist.key))
             for dep in self.conditional.get(dist.key, {}).get(values[dist.key], ()):
                 values[dep.key] = dep.sample(trial, f"{dep.key}@{values[dist.key]}")
         return expand_virtual_keys(values)
@@ -79,6 +79,14 @@ class SearchSpace:
         keys += [d.key for branches in self.conditional.values() for ds in branches.values()
                  for d in ds]
         return sorted(set(keys))
+
+
+def sampler_name(key: str) -> str:
+    """Optuna's name for a parameter. Ray's OptunaSearch passes every sampled name on to the
+    trial beside the returned values, so a virtual key is sampled under an ``@`` name."""
+    if key in VIRTUAL_KEYS:
+        return f"{VIRTUAL_KEYS[key]}@{key.rpartition('.')[2]}"
+    return key
 
 
 def expand_virtual_keys(values: dict[str, Any]) -> dict[str, Any]:
