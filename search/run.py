@@ -247,18 +247,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    run_dir, name = resolve_run_dir(args)
+    saved = json.loads((run_dir / "search.json").read_text()) if args.resume else None
+    if saved and not args.preset:
+        args.preset = saved["preset"]
+    if args.preset:
+        preset = load_preset(args.preset)  # validate before importing Ray and torch (seconds)
+
     from search import tune_api
     from search.space import load_space
     from search.tracking import MlflowSearchLogger, check_tracking_uri, local_tracking_uri
     from trainables.config import config_from_dict
     from trainables.tune_trial import tune_trainable
 
-    run_dir, name = resolve_run_dir(args)
-    saved = json.loads((run_dir / "search.json").read_text()) if args.resume else None
-    if saved and not args.preset:
-        args.preset = saved["preset"]
-    if args.preset:
-        preset = load_preset(args.preset)  # validate before starting Ray
     tracking_uri = args.mlflow_uri or (saved or {}).get("tracking_uri")
     if tracking_uri:
         check_tracking_uri(tracking_uri)
