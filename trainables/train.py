@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         if resume is not None and not (resume / TRAINER_STATE).is_file():
             raise BiometryInputError(f"{resume}: no checkpoint to resume from")
         out_dir.mkdir(parents=True, exist_ok=True)  # an unusable --out fails before training
+        tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-").close()
         best = run_trial(cfg, out_dir=out_dir, resume_from=resume)
     except (BiometryInputError, OSError, FloatingPointError) as err:
         if args.debug:
