@@ -152,10 +152,12 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, str]:
         name = time.strftime("search-%Y%m%d-%H%M%S")
     if "/" in name or name in (".", ".."):
         raise BiometryInputError(f"--name {name!r}: a plain folder name is required")
-    existing = next(p for p in (out, *out.parents) if p.exists())
+    run_dir = out / name
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not existing.is_dir():
         raise BiometryInputError(f"--out {args.out}: {existing} is a file, not a folder")
-    run_dir = out / name
+    if not os.access(existing, os.W_OK):  # also read-only and immutable folders, even for root
+        raise BiometryInputError(f"--out {args.out}: cannot write in {existing}")
     if args.resume and not (run_dir / "search.json").is_file():
         raise BiometryInputError(f"--resume: {run_dir} holds no search (search.json missing)")
     if not args.resume and (run_dir / "search.json").is_file():
