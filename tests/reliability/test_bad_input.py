@@ -241,7 +241,8 @@ def out(d: Path) -> str:
     return str(d / "out")
 
 
-# inspect: every bad data set
+# inspect: every bad data set (the other commands share the importer: a few each, to check that
+# their error reaches the user as one line)
 for name, (build, expect) in DATA.items():
     case(f"inspect-{name}", expect,
          lambda d, fx, build=build: [*BIOMETRY, "inspect", build(d, fx), "--out", out(d)])
@@ -249,13 +250,13 @@ case("inspect-out-is-a-file", "keep.txt",
      lambda d, fx: [*BIOMETRY, "inspect", fx.dataset_csv, "--out", d / "out" / "keep.txt"])
 
 # eda
-for name in ("missing", "corrupt_png", "missing_column", "nan_coordinate", "dotdot_image"):
+for name in ("missing", "corrupt_png", "nan_coordinate"):
     build, expect = DATA[name]
     case(f"eda-{name}", expect,
          lambda d, fx, build=build: [*BIOMETRY, "eda", build(d, fx), "--out", out(d)])
 
 # evaluate
-for name in ("missing", "corrupt_png", "outside_image", "absolute_image"):
+for name in ("corrupt_png", "absolute_image"):
     build, expect = DATA[name]
     case(f"evaluate-data-{name}", expect,
          lambda d, fx, build=build: [*BIOMETRY, "evaluate", "--model", fx.model_folder,
@@ -350,7 +351,7 @@ case("train-unknown-architecture", ["trial.yaml", "'model.name' must be one of",
                     "--out", out(d)])
 case("train-not-a-mapping", ["trial.yaml", "must be a mapping"],
      lambda d, fx: [*TRAIN, "--config", trial_yaml(d, "train: [1, 2]"), "--out", out(d)])
-for name in ("missing", "corrupt_png", "nan_coordinate", "dotdot_image"):
+for name in ("corrupt_png", "outside_image"):
     build, expect = DATA[name]
     case(f"train-data-{name}", expect,
          lambda d, fx, build=build: [*TRAIN, "--config", SMOKE_TRIAL, "--data", build(d, fx),
@@ -402,7 +403,7 @@ case("search-space-log-of-zero", ["space.yaml", "'params.train.lr.low' must be p
 case("search-space-wrong-type", ["space.yaml", "'params.train.lr.high' must be a number"],
      lambda d, fx: [*SEARCH, "--preset", "smoke", "--out", out(d), "--space",
                     write(d / "space.yaml", "params:\n  train.lr: {low: 0.001, high: big}\n")])
-for name in ("missing", "corrupt_png", "missing_column"):
+for name in ("missing", "corrupt_png"):
     build, expect = DATA[name]
     case(f"search-data-{name}", expect,
          lambda d, fx, build=build: [*SEARCH, "--preset", "smoke", "--data", build(d, fx),
