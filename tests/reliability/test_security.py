@@ -65,6 +65,11 @@ def test_every_torch_load_in_the_repo_is_weights_only():
               if not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant)
                          and k.value.value is True for k in node.keywords)]
     assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
+    alias = re.compile(r"^\s*from torch(\.serialization)? import .*\bload\b"
+                       r"|= *torch\.load\b(?!\s*\()", re.M)
+    aliased = [str(path.relative_to(REPO)) for path in repo_files(".py")
+               if alias.search(path.read_text(encoding="utf-8"))]
+    assert not aliased, f"torch.load imported or aliased (the search above would miss it): {aliased}"
 
 
 def test_a_checkpoint_holding_an_object_is_refused(model_folder, tmp_path):
@@ -121,6 +126,11 @@ def test_yaml_is_only_read_with_safe_load():
             if name in UNSAFE_YAML or (name.startswith("yaml.") and loader):
                 bad.append(f"{path.relative_to(REPO)}:{node.lineno} {name}")
     assert not bad, f"YAML read without safe_load: {bad}"
+    aliased = [str(path.relative_to(REPO)) for path in repo_files(".py")
+               if re.search(r"^\s*from yaml import .*\b(load|load_all|unsafe_load|full_load|"
+                            r"Loader|UnsafeLoader|FullLoader)\b", path.read_text(encoding="utf-8"),
+                            re.M)]
+    assert not aliased, f"unsafe YAML loader imported by name: {aliased}"
 
 
 def _python_object_yaml(marker: Path) -> str:
