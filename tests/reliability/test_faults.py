@@ -170,17 +170,22 @@ def test_raising_and_killed_trials_restart_from_their_last_checkpoint(tmp_path):
     assert summary["trial_states"] == {"TERMINATED": 2}, summary
     runs = children_by_trial(local_uri(run_dir), "r")
     trials = {trial_id(d): trial_params(d) for d in trial_dirs(run_dir)}
-    for name, fault_epoch in ((raised, 2), (killed_dir.name, last["epoch"] + 1)):
+    for name, first_pid in ((raised, None), (killed_dir.name, last["pid"])):
         rows = result_rows(run_dir / name)
         epochs = [r["epoch"] for r in rows]
         assert epochs == [1, 2, 3, 4], f"{name}: epochs {epochs}"
         assert [r["training_iteration"] for r in rows] == [1, 2, 3, 4]
+        # one process up to the fault, a second one from the checkpoint on, no overlap
         pids = [r["pid"] for r in rows]
-        assert len(set(pids)) == 2 and pids.index(pids[-1]) == fault_epoch - 1, (name, pids)
+        before = pids.index(pids[-1])
+        assert len(set(pids)) == 2 and 1 <= before < 4 and len(set(pids[:before])) == 1, pids
+        if first_pid is None:
+            assert before == 1, f"{name} raised at epoch 2 but {pids}"
+        else:
+            assert pids[0] == first_pid, f"{name}: pid {first_pid} was killed but rows show {pids}"
         run = runs[trial_id(run_dir / name)]
         assert run.info.status == "FINISHED"
         assert metric_steps(local_uri(run_dir), run) == [1, 2, 3, 4]
-    assert last["pid"] in {r["pid"] for r in result_rows(killed_dir)}
     assert set(optuna_states(run_dir, "r", "augment.rotate_deg", trials).values()) == {"COMPLETE"}
 
 
