@@ -500,3 +500,17 @@ def test_bad_input(case_id, outcomes):
     missing = [p for p in outcome.before if p not in outcome.after]
     changed = [p for p in outcome.before if p in outcome.after and outcome.after[p] != outcome.before[p]]
     assert not missing and not changed, f"deleted {missing}, changed {changed}"
+
+
+@pytest.mark.parametrize("argv", [
+    [*BIOMETRY, "inspect", "/no/such/data.csv", "--out", "/tmp/unused-out"],
+    [*TRAIN, "--config", "/no/such/trial.yaml"],
+    [*SEARCH, "--preset", "/no/such/preset.yaml", "--out", "/tmp/unused-out"],
+    [*COMPARE, "/no/such/run"],
+], ids=["biometry", "trainables.train", "search", "compare"])
+def test_debug_adds_the_traceback(argv):
+    """--debug is the one way to get the traceback; the error line stays the last line."""
+    proc = run_command([*argv, "--debug"], timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr[-500:]
