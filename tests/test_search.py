@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -132,39 +131,4 @@ def test_existing_run_is_not_overwritten(tmp_path, ray_session):
         search_run.run_search(args)
     assert (run_dir / "search.json").read_text() == "{}"
 
-
-@pytest.mark.slow
-def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path):
-    preset = write_preset(tmp_path / "p.yaml", num_samples=5, epochs=3, concurrent=1)
-    out = tmp_path / "runs"
-    cmd = [sys.executable, "search/run.py", "--preset", str(preset), "--out", str(out),
-           "--name", "k"]
-    env = {**os.environ, "RAY_ADDRESS": "local"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run_dir = out / "k"
-    deadline = time.time() + 240
-    while time.time() < deadline and started_trials(run_dir) < 3:  # one at a time: 2 done
-        time.sleep(0.5)
-    assert started_trials(run_dir) >= 3, "search made no progress"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "summary.json").exists()
-
-    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["num_trials"] == 5
-    _, runs = mlflow_runs(run_dir, "k")
-    children = [r for r in runs if r.data.tags.get("role") == "trial"]
-    trial_ids = [r.data.tags["ray_trial_id"] for r in children]
-    assert len(trial_ids) == len(set(trial_ids)) == 5
-    assert len([r for r in runs if r.data.tags.get("role") == "search"]) == 1
-    study = load_study(run_dir, "k")
-    assert not [t for t in study.trials if t.state.name == "RUNNING"]
-
-
-def started_trials(run_dir: Path) -> int:
-    """Trials that reported at least one epoch (read from Ray's files, not MLflow's database)."""
-    return sum(1 for p in run_dir.glob("trial_*/result.json") if p.stat().st_size > 0)
+# The killed-driver + --resume test lives in tests/reliability/test_faults.py.

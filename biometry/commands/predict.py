@@ -89,8 +89,7 @@ def find_images(folder: Path) -> list[str]:
                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     labels = [n for n in files if Path(n).stem.lower().endswith(LABEL_SUFFIXES)]
     if labels:
-        print(f"note: {folder}: left out {len(labels)} HC18 label files (*_Mask, *_Annotation)",
-              file=sys.stderr)
+        print(f"note: {folder}: left out {len(labels)} HC18 label files (*_Mask, *_Annotation)")
     names = [n for n in files if n not in set(labels)]
     if not names:
         raise BiometryInputError(f"{folder}: no .png/.jpg/.jpeg images")

@@ -1,0 +1,79 @@
+"""Accuracy end to end: one search on HC18, its best model, evaluated on the held-out test subjects.
+
+    python benchmarks/accuracy.py --data ../shared/data/hc18 --preset cpu --time-budget-min 60
+
+Runs ``search/run.py`` (the test split never reaches it), then ``python -m biometry evaluate
+--split test`` on the best model, and writes ``benchmarks/results/accuracy_<preset>.json`` with the
+figures, the targets of issue 11, the commands and the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"cpu": {"bpd_l1_mm": 1.0, "ofd_l1_mm": 1.6, "hc_l1_mm": 3.0},
+           "gpu": {"bpd_l1_mm": 1.0, "ofd_l1_mm": 1.5, "hc_l1_mm": 2.0}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(REPO.parent / "shared/data/hc18"))
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--time-budget-min", type=float, default=60)
+    p.add_argument("--num-samples", type=int, default=200)
+    p.add_argument("--name", default=time.strftime("accuracy-%Y%m%d-%H%M%S"))
+    p.add_argument("--out", default=str(REPO / "runs"))
+    p.add_argument("--resume", action="store_true", help="only evaluate an existing run")
+    p.add_argument("--flip-tta", action="store_true")
+    args = p.parse_args()
+
+    run_dir = Path(args.out) / args.name
+    search_cmd = [sys.executable, "search/run.py", "--data", args.data, "--preset", args.preset,
+                  "--time-budget-min", str(args.time_budget_min), "--num-samples",
+                  str(args.num_samples), "--out", args.out, "--name", args.name]
+    started = time.time()
+    if not args.resume:
+        subprocess.run(search_cmd, cwd=REPO, check=True)
+    search_seconds = time.time() - started
+
+    eval_dir = run_dir / "test-eval"
+    eval_cmd = [sys.executable, "-m", "biometry", "evaluate", "--model", str(run_dir / "best"),
+                "--data", args.data, "--split", "test", "--out", str(eval_dir)]
+    if args.flip_tta:
+        eval_cmd.append("--flip-tta")
+    subprocess.run(eval_cmd, cwd=REPO, check=True)
+    test = json.loads((eval_dir / "summary.json").read_text())
+    search = json.loads((run_dir / "summary.json").read_text())
+
+    keys = ("bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", "bpd_median_mm", "ofd_median_mm",
+            "hc_median_mm", "hc_bias_mm", "hc_loa_low_mm", "hc_loa_high_mm", "nme",
+            "unc_spearman", "aurc", "error_at_90_coverage_mm")
+    targets = TARGETS.get(args.preset, TARGETS["cpu"])
+    result = {
+        "commands": [" ".join(search_cmd), " ".join(eval_cmd)],
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_end": os.getloadavg()},
+        "search_minutes": round(search_seconds / 60, 1),
+        "num_trials": search.get("num_trials"), "trial_states": search.get("trial_states"),
+        "best_params": search.get("params"), "best_val": search.get("metrics"),
+        "test": {k: test.get(k) for k in keys}, "test_images": test.get("n_images"),
+        "targets": targets,
+        "targets_met": {k: bool(test.get(k) is not None and test[k] <= v)
+                        for k, v in targets.items()},
+    }
+    out = REPO / "benchmarks/results" / f"accuracy_{args.preset}.json"
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result["test"], indent=2))
+    print(f"targets met: {result['targets_met']}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
