@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
