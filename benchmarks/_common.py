@@ -198,19 +198,24 @@ def fixed_space(values: dict[str, Any]) -> dict[str, Any]:
 def run_search_command(*, preset: Path, out: Path, name: str, data: str | None = None,
                        extra: list[str] | None = None, log_path: Path | None = None,
                        timeout: float | None = None, num_cpus: int = 2,
-                       in_process: bool = False) -> dict[str, Any]:
+                       in_process: bool = False, reuse_actors: bool = False) -> dict[str, Any]:
     """``search.run.main(["--preset", P, "--out", OUT, "--name", NAME, ...])`` in a fresh process
     with its own local Ray cluster of ``num_cpus`` CPUs and no dashboard (see ``_search_driver``).
-    Returns the wall time, exit code and load average around it."""
+    Returns the wall time, exit code and load average around it. ``reuse_actors=True`` is a
+    what-if: the driver patches ``TuneConfig(reuse_actors=True)`` into ``search.tune_api`` (the
+    product passes False), to measure what a new worker process per trial costs."""
     import subprocess
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "search", "--num-cpus", str(num_cpus),
-           "--", "--preset", str(preset), "--out", str(out), "--name", name,
+           *(["--reuse-actors"] if reuse_actors else []), "--", "--preset", str(preset),
+           "--out", str(out), "--name", name,
            *(["--data", data] if data else []), *(extra or [])]
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
     log_path = Path(log_path) if log_path else Path(out) / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if in_process:  # smoke tests: the caller's Ray (started here without the dashboard if none)
+        if reuse_actors:
+            raise ValueError("reuse_actors needs a fresh process (in_process=False)")
         return _run_search_in_process(cmd[cmd.index("--") + 1:], log_path=log_path,
                                       run_dir=Path(out) / name, num_cpus=num_cpus)
     with LoadWindow() as window, log_path.open("w") as fh:
@@ -343,6 +348,8 @@ def _search_driver(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="python benchmarks/_common.py search")
     p.add_argument("--num-cpus", type=int, default=2, help="0: all the machine has")
+    p.add_argument("--reuse-actors", action="store_true",
+                   help="what-if: TuneConfig(reuse_actors=True) instead of the product's False")
     p.add_argument("run_args", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
@@ -350,6 +357,16 @@ def _search_driver(argv: list[str]) -> int:
 
     from search import run as search_run
 
+    if args.reuse_actors:
+        from search import tune_api
+
+        tune_config = tune_api.TuneConfig
+
+        def reusing(*a, **kw):
+            kw["reuse_actors"] = True
+            return tune_config(*a, **kw)
+
+        tune_api.TuneConfig = reusing
     ray.init(address="local", num_cpus=args.num_cpus or None, include_dashboard=False,
              log_to_driver=False)
     try:

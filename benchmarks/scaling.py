@@ -27,9 +27,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (HC18_DIR, NO_GPU_NOTE, RESULTS_DIR, fixed_space, log, median,  # noqa: E402
-                                read_trial_results, run_search_command, write_result,
-                                write_search_files)
+from benchmarks._common import (  # noqa: E402
+    HC18_DIR, NO_GPU_NOTE, RESULTS_DIR, fixed_space, log, median, read_trial_results,
+    run_search_command, write_result, write_search_files)
 
 FIXED_VALUES = {"model.name": "unet", "train.lr": 2.0e-3, "augment.rotate_deg": 10.0,
                 "loss.angle_weight": 0.01}

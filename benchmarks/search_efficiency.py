@@ -40,9 +40,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (HC18_DIR, REPO_ROOT, RESULTS_DIR, LoadWindow, load_average, log,  # noqa: E402
-                                machine_info, median, read_trial_results, run_search_command,
-                                write_result, write_search_files)
+from benchmarks._common import (  # noqa: E402
+    HC18_DIR, REPO_ROOT, RESULTS_DIR, LoadWindow, load_average, log, machine_info, median,
+    read_trial_results, run_search_command, write_result, write_search_files)
 
 METHODS = ("ours", "random", "tpe_median")
 LABELS = {"ours": "ours: TPE + ASHA (Ray Tune)", "random": "random search, full trials",
@@ -127,8 +127,9 @@ def space_dict(args) -> dict:
 def ours_settings(args) -> dict:
     from search.run import load_preset
 
-    cpu = load_preset("cpu").search
-    grace = max(1, round(args.epochs * cpu.grace_period / load_preset("cpu").trial["train"]["epochs"]))
+    preset = load_preset("cpu")
+    cpu = preset.search
+    grace = max(1, round(args.epochs * cpu.grace_period / preset.trial["train"]["epochs"]))
     return {"num_samples": args.max_trials or 100000, "grace_period": grace,
             "reduction_factor": cpu.reduction_factor, "max_concurrent_trials": args.concurrency,
             "cpus_per_trial": 1, "gpus_per_trial": 0, "n_startup_trials": cpu.n_startup_trials,
@@ -332,6 +333,8 @@ def analyze(runs: list[dict]) -> dict:
         if not fractions:
             continue
         reached = [f for f in fractions if f is not None]
+        seconds = [s["methods"].get(m, {}).get("trial_seconds_fraction_of_random")
+                   for s in per_seed if m in s["methods"]]
         summary[m] = {
             "seeds": len(fractions),
             "seeds_reaching_random_best": len(reached),
@@ -339,6 +342,12 @@ def analyze(runs: list[dict]) -> dict:
             "median_epochs_fraction_of_random":
                 median([f if f is not None else math.inf for f in fractions]),
             "seeds_within_half": sum(1 for f in reached if f <= TARGET_COMPUTE_FRACTION),
+            "trial_seconds_fraction_of_random_per_seed": seconds,
+            "median_trial_seconds_fraction_of_random":
+                median([f if f is not None else math.inf for f in seconds]),
+            "seeds_within_half_trial_seconds": sum(1 for f in seconds
+                                                   if f is not None
+                                                   and f <= TARGET_COMPUTE_FRACTION),
             "median_best_at_equal_epochs": median(s["best_at_equal_epochs"][m] for s in per_seed
                                                   if "best_at_equal_epochs" in s),
         }
@@ -347,10 +356,13 @@ def analyze(runs: list[dict]) -> dict:
             s["best_at_equal_epochs"]["random"] for s in per_seed if "best_at_equal_epochs" in s)}
     ours = summary.get("ours")
     target = {"ours_reaches_random_final_best_with_at_most_fraction": TARGET_COMPUTE_FRACTION,
-              "measured_in": "epochs (trial-seconds in the per-seed rows)"}
+              "met_means": "in every seed, measured in epochs (the load-independent axis); "
+                           "trial-seconds given beside it"}
     if ours:
         target["met"] = ours["seeds_within_half"] == ours["seeds"]
-        target["met_in_seeds"] = f"{ours['seeds_within_half']} of {ours['seeds']}"
+        target["met_in_seeds_epochs"] = f"{ours['seeds_within_half']} of {ours['seeds']}"
+        target["met_in_seeds_trial_seconds"] = (f"{ours['seeds_within_half_trial_seconds']} of "
+                                                f"{ours['seeds']}")
     return {"per_seed": per_seed, "summary": summary, "target": target}
 
 
@@ -373,8 +385,10 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
                 continue
             style = styles[seeds.index(r["seed"]) % len(styles)]
             xs, ys = zip(*[(x, b) for x, b in zip(c[axis], c["best"]) if math.isfinite(b)])
+            wide = r["method"] == "random"  # drawn wide and pale: the others start alike
             ax.step(xs, ys, where="post", color=colors[r["method"]], linestyle=style,
-                    label=f"{LABELS[r['method']]}, seed {r['seed']}")
+                    linewidth=4 if wide else 1.5, alpha=0.45 if wide else 1.0,
+                    zorder=1 if wide else 2, label=f"{LABELS[r['method']]}, seed {r['seed']}")
             if r["method"] == "random":
                 ax.axhline(ys[-1], color=colors["random"], linestyle=style, linewidth=0.6,
                            alpha=0.6)

@@ -19,8 +19,10 @@ For every name in ``biometry.models.list_models()``:
   core is busy (two trials on two cores), and its images/s per worker at the gpu preset size
   (how many workers a GPU trial needs).
 
-Timings are medians over ``--repeats`` repeats of ``--steps`` steps, model-only and full
-interleaved so that a change of load hits both; the load average is recorded around each model.
+Timings are medians over ``--repeats`` x ``--steps`` single steps, taken in short blocks of
+model-only, full and inference steps in turn, so that a change of load hits all three alike (the
+first full steps of a block, which the worker prefetched meanwhile, are not timed); the load
+average is recorded around each model.
 """
 from __future__ import annotations
 
@@ -34,10 +36,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (HC18_DIR, NO_GPU_NOTE, RESULTS_DIR, LoadWindow, log, median,  # noqa: E402
-                                write_result)
+from benchmarks._common import (  # noqa: E402
+    HC18_DIR, NO_GPU_NOTE, RESULTS_DIR, LoadWindow, log, median, write_result)
 
 TARGET_PIPELINE_SHARE = 0.10
+PREFETCH = 2  # torch DataLoader's default prefetch_factor (batches per worker)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,14 +51,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                                   f"{HC18_DIR} if present, else the bundled sample)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in the training process (the cpu preset uses 1)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    p.add_argument("--steps", type=int, default=6, help="timed steps of each kind per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported")
-    p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers for the full step")
+    p.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="DataLoader workers for the full step")
     p.add_argument("--skip-gpu-res", action="store_true", help="skip the gpu preset resolution")
-    p.add_argument("--gpu-res-batch", type=int, default=2,
-                   help="batch at the gpu preset size on a CPU (16 needs many GB and minutes)")
-    p.add_argument("--gpu-res-steps", type=int, default=2, help="timed steps at the gpu size")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="device for the gpu preset size (auto: cuda if present); the cpu "
+                        "preset size is always measured on the CPU")
+    p.add_argument("--gpu-res-batch", type=int, default=0,
+                   help="batch at the gpu preset size (default: 2 on a CPU, where 16 needs many "
+                        "GB and minutes per step; the preset's 16 on CUDA)")
+    p.add_argument("--gpu-res-steps", type=int, default=3, help="timed steps at the gpu size")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, synthetic data; seconds")
     args = p.parse_args(argv)
@@ -81,22 +89,48 @@ def preset_config(name: str, *, smoke: bool):
 def make_codec(cfg):
     from biometry.codec import HeatmapCodec
 
-    return HeatmapCodec(input_hw=cfg.input_hw, stride=cfg.model.output_stride, sigma=cfg.train.sigma)
+    return HeatmapCodec(input_hw=cfg.input_hw, stride=cfg.model.output_stride,
+                        sigma=cfg.train.sigma)
 
 
 class Stepper:
-    """The trainer's CPU training step (trainables/train.py) on one model."""
+    """The trainer's training step (trainables/train.py) on one model: on CUDA with its AMP
+    (bf16 where supported) and channels_last, as the gpu preset asks."""
 
-    def __init__(self, cfg, name: str, codec):
+    def __init__(self, cfg, name: str, codec, device: str = "cpu"):
         import torch
 
         from biometry.models import create_model
 
         torch.manual_seed(0)
         self.cfg, self.codec = cfg, codec
-        self.model = create_model(name, **cfg.model.kwargs())
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.channels_last = self.cuda and cfg.train.channels_last
+        self.model = create_model(name, **cfg.model.kwargs()).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp = self.cuda and cfg.train.amp
+        self.amp_dtype = (torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported()
+                          else torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp
+                                           and self.amp_dtype == torch.float16)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay)
+
+    def _images(self, images):
+        import torch
+
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def sync(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
     def train_step(self, images, heatmaps, keypoints) -> None:
         import torch
@@ -105,14 +139,20 @@ class Stepper:
         from biometry.losses import biometry_loss
 
         self.model.train()
-        pred = self.model(images).float()
+        images = self._images(images)
+        heatmaps, keypoints = heatmaps.to(self.device), keypoints.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            pred = self.model(images)
+        pred = pred.float()
         coords = decode_coords(pred, self.codec, beta=self.cfg.train.softargmax_beta)
         loss, _ = biometry_loss(pred, heatmaps, coords, keypoints, self.cfg.loss,
                                 coord_scale=float(self.cfg.input_hw[1]))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         float(loss.detach())  # the trainer reads each loss term back: a sync point
 
     def infer(self, images) -> None:
@@ -121,8 +161,11 @@ class Stepper:
         from biometry.inference import decode_coords
 
         self.model.eval()
-        with torch.no_grad():
-            decode_coords(self.model(images), self.codec, beta=self.cfg.train.softargmax_beta)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                             enabled=self.amp):
+            coords = decode_coords(self.model(self._images(images)), self.codec,
+                                   beta=self.cfg.train.softargmax_beta)
+        coords.cpu()  # the predictor hands coordinates back on the CPU: a sync point
 
 
 def synthetic_batch(cfg, codec, batch: int):
@@ -186,11 +229,20 @@ def measure_cpu_res(args, cfg, data, models: list[str]) -> list[dict]:
             for _ in range(args.warmup):
                 stepper.train_step(*synthetic)
                 stepper.train_step(*next(stream))
+            # short blocks of each kind in turn, so a change of load hits all three alike, and
+            # the median over single steps shrugs off bursts. The worker prefetches while other
+            # blocks run, so the first PREFETCH full steps of a block are not timed: the rest
+            # are the trainer's steady state.
             model_only, full, infer = [], [], []
             for _ in range(args.repeats):
-                model_only.append(per_step(lambda: stepper.train_step(*synthetic), args.steps))
-                full.append(per_step(lambda: stepper.train_step(*next(stream)), args.steps))
-                infer.append(per_step(lambda: stepper.infer(synthetic[0]), args.steps))
+                model_only += [per_step(lambda: stepper.train_step(*synthetic), 1)
+                               for _ in range(args.steps)]
+                for _ in range(PREFETCH * args.num_workers):
+                    stepper.train_step(*next(stream))
+                full += [per_step(lambda: stepper.train_step(*next(stream)), 1)
+                         for _ in range(args.steps)]
+                infer += [per_step(lambda: stepper.infer(synthetic[0]), 1)
+                          for _ in range(args.steps)]
         del stream, loader  # stops the persistent worker
         m, f, i = median(model_only), median(full), median(infer)
         share = max(0.0, (f - m) / f)
@@ -201,8 +253,11 @@ def measure_cpu_res(args, cfg, data, models: list[str]) -> list[dict]:
                "train_images_per_s_model_only": batch / m, "train_images_per_s_full": batch / f,
                "inference_images_per_s": batch / i, "pipeline_share_of_step": share,
                "pipeline_target_met": share < TARGET_PIPELINE_SHARE,
-               "repeats": {"model_only_step_s": model_only, "full_step_s": full,
-                           "inference_batch_s": infer},
+               "steps_s": {"model_only": model_only, "full": full, "inference": infer},
+               "pipeline_share_per_repeat": [
+                   max(0.0, 1 - median(model_only[k:k + args.steps])
+                       / median(full[k:k + args.steps]))
+                   for k in range(0, len(full), args.steps)],
                "load": window.as_dict()}
         log(f"{name} {cfg.input_hw}: train {row['train_images_per_s_model_only']:.1f} img/s "
             f"model-only, {row['train_images_per_s_full']:.1f} img/s with DataLoader "
@@ -233,16 +288,17 @@ def measure_pipeline_cost(args, cfg, data, *, label: str) -> dict:
             "load": window.as_dict()}
 
 
-def measure_gpu_res(args, cfg, models: list[str]) -> list[dict]:
-    """A couple of steps at the gpu preset's input and model, small batch (on a CPU)."""
+def measure_gpu_res(args, cfg, models: list[str], *, device: str) -> list[dict]:
+    """The gpu preset's input and model: a few steps at a small batch on a CPU, the preset's
+    batch on CUDA."""
     import torch
 
     codec = make_codec(cfg)
-    batch = args.gpu_res_batch
+    batch = args.gpu_res_batch or (cfg.train.batch_size if device == "cuda" else 2)
     synthetic = synthetic_batch(cfg, codec, batch)
     rows = []
     for name in models:
-        stepper = Stepper(cfg, name, codec)
+        stepper = Stepper(cfg, name, codec, device=device)
         with LoadWindow() as window:
             stepper.train_step(*synthetic)  # warm-up
             train = [per_step(lambda: stepper.train_step(*synthetic), 1)
@@ -250,8 +306,10 @@ def measure_gpu_res(args, cfg, models: list[str]) -> list[dict]:
             stepper.infer(synthetic[0])
             infer = [per_step(lambda: stepper.infer(synthetic[0]), 1)
                      for _ in range(args.gpu_res_steps)]
+            stepper.sync()
         t, i = median(train), median(infer)
-        row = {"model": name, "input_hw": list(cfg.input_hw), "batch": batch,
+        row = {"model": name, "device": str(stepper.device), "amp": stepper.amp,
+               "input_hw": list(cfg.input_hw), "batch": batch,
                "model_kwargs": cfg.model.kwargs(), "threads": torch.get_num_threads(),
                "model_only_step_s": t, "inference_batch_s": i,
                "train_images_per_s_model_only": batch / t, "inference_images_per_s": batch / i,
@@ -290,26 +348,35 @@ def main(argv=None) -> int:
         row["pipeline_cpu_share_saturated"] = (
             cpu_pipeline["batch_s"] / (cpu_pipeline["batch_s"] + row["model_only_step_s"]))
 
-    gpu_section: dict = {"device": NO_GPU_NOTE if not torch.cuda.is_available() else
-                         "CUDA present but this script measures the CPU only"}
+    device = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    gpu_section: dict = {"device": device, "gpu": NO_GPU_NOTE if device == "cpu" else
+                         torch.cuda.get_device_name(0)}
     if args.skip_gpu_res:
-        gpu_section["cpu_measurement"] = "skipped (--skip-gpu-res)"
+        gpu_section["measurement"] = "skipped (--skip-gpu-res)"
     else:
         gpu_cfg = preset_config("gpu", smoke=args.smoke)
-        gpu_section["cpu_rows"] = measure_gpu_res(args, gpu_cfg, models)
-        gpu_section["note"] = (f"measured on the CPU with batch {args.gpu_res_batch} (not the "
-                               f"preset's 16: memory and minutes per step), "
-                               f"{args.gpu_res_steps} timed steps after one warm-up; images/s "
-                               f"on a CPU barely depend on batch size")
+        rows = measure_gpu_res(args, gpu_cfg, models, device=device)
+        gpu_section["cpu_rows" if device == "cpu" else "cuda_rows"] = rows
+        gpu_section["note"] = (
+            f"on the CPU with batch {rows[0]['batch']} (not the preset's 16: memory and "
+            f"minutes per step; images/s on a CPU barely depend on batch size), "
+            f"{args.gpu_res_steps} timed steps after one warm-up" if device == "cpu" else
+            f"on CUDA, batch {rows[0]['batch']}, AMP and channels_last as the gpu preset; "
+            f"{args.gpu_res_steps} timed steps after one warm-up (never run at the time of "
+            f"writing: no GPU was lent)")
         limit = 16 if args.smoke else 64
         log(f"preparing the first {limit} images at {gpu_cfg.input_hw}")
         gpu_data = prepare_data(gpu_cfg, data_path, limit=limit)
         gpu_section["pipeline_alone"] = measure_pipeline_cost(args, gpu_cfg, gpu_data,
                                                               label="gpu preset")
+        per_worker = gpu_section["pipeline_alone"]["images_per_s_per_worker"]
+        gpu_section["workers_to_feed_training"] = {
+            r["model"]: r["train_images_per_s_model_only"] / per_worker for r in rows}
 
     shares = [r["pipeline_share_of_step"] for r in cpu_rows]
     payload = {
-        "settings": {"models": models, "data": data_path or "bundled sample",
+        "settings": {"models": models, "data": data_path or "bundled sample", "device": device,
                      "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
                      "repeats": args.repeats, "num_workers": args.num_workers,
                      "gpu_res_batch": args.gpu_res_batch, "gpu_res_steps": args.gpu_res_steps},

@@ -31,7 +31,7 @@ def test_smoke_modes_write_valid_json(tmp_path, ray_session):
     assert search_overhead.main(["--smoke", "--in-process", "--out-dir", str(out),
                                  "--work-dir", str(tmp_path / "overhead")]) == 0
     so = _valid(out / "search_overhead.smoke.json")
-    assert math.isfinite(so["configs"][0]["per_trial_overhead_s"])
+    assert math.isfinite(so["configs"][0]["variants"]["shipped"]["per_trial_overhead_s"])
 
     assert scaling.main(["--smoke", "--in-process", "--out-dir", str(out),
                          "--work-dir", str(tmp_path / "scaling")]) == 0
