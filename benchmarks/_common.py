@@ -338,11 +338,12 @@ def _search_driver(argv: list[str]) -> int:
     """``python benchmarks/_common.py search --num-cpus N -- RUN_ARGS``: start a private local Ray
     cluster without the dashboard, then run ``search.run.main(RUN_ARGS)`` in it.
 
-    ``search/run.py`` alone starts its cluster with the dashboard on the fixed port 8265, so two
-    searches on one machine (a benchmark and another engineer's test) collide with "Failed to
-    bind to 127.0.0.1:8265". ``tune_api.connect`` keeps a cluster that is already initialised, so
-    everything else is the product's own code path. The dashboard's start-up is therefore not
-    part of the fixed overhead measured here (per-trial figures are unaffected).
+    A private cluster never joins another engineer's, has exactly ``num_cpus`` CPUs, and starts
+    no dashboard (``search/run.py`` used to start it on the fixed port 8265, so two searches on
+    one machine collided with "Failed to bind to 127.0.0.1:8265"). ``tune_api.connect`` keeps a
+    cluster that is already initialised, so everything else is the product's own code path. The
+    dashboard's start-up is therefore not part of the fixed overhead measured here (per-trial
+    figures are unaffected).
     """
     import argparse
 

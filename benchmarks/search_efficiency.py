@@ -65,9 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=8,
                    help="fix every architecture's width to this (0: the space's own ranges)")
     p.add_argument("--space", default="configs/search/default.yaml")
-    p.add_argument("--drop-keys", nargs="*", default=["loss.bpd_channel_weight"],
-                   help="space keys left out (default: the virtual key that makes every Ray "
-                        "trial fail at the time of writing; see benchmarks/README.md)")
+    p.add_argument("--drop-keys", nargs="*", default=[],
+                   help="space keys left out (the recorded run left out loss.bpd_channel_weight, "
+                        "which made every Ray trial fail before commit f6176cc)")
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--concurrency", type=int, default=2, help="ours: trials at once")
     p.add_argument("--max-trials", type=int, default=0,

@@ -213,8 +213,8 @@ def measure_config(key: str, args, folder: Path, data_paths: dict) -> dict:
                 searches[variant][slot].append(result)
                 log(f"  {variant} search of {count}: {result['wall_s']:.1f}s; periods "
                     f"{[round(g, 2) for g in result['trial_period_s']]}")
-    return config_figures(key, trial, n, plain, {v: {"search_1": runs["1"], f"search_{n}": runs["n"]}
-                                                 for v, runs in searches.items()})
+    raw = {v: {"search_1": runs["1"], f"search_{n}": runs["n"]} for v, runs in searches.items()}
+    return config_figures(key, trial, n, plain, raw)
 
 
 def config_figures(key: str, trial: dict, n: int, plain: list[dict],
