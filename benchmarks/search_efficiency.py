@@ -10,7 +10,7 @@ every architecture's width fixed to ``--width`` to keep trials small) on the rea
 
 - ``ours``: ``search/run.py`` (Ray Tune, prune-aware Optuna TPE, ASHA, MLflow) with the cpu
   preset's search settings (2 trials at once, ``n_startup_trials`` 8, reduction factor 3) and a
-  grace period scaled like the cpu preset's (6 of 20 epochs), run in a fresh process with a
+  grace period scaled by the cpu preset's grace_period / epochs, run in a fresh process with a
   private Ray cluster (see ``benchmarks/_common.py``).
 - ``random``: a plain Optuna loop, ``RandomSampler(seed)``, no early stopping: every trial
   trains all its epochs.
