@@ -30,6 +30,7 @@ from biometry.inference import LandmarkPredictor, ModelSpec, decode_coords, save
 from biometry.losses import biometry_loss
 from biometry.metrics import summarize
 from biometry.models import create_model
+from biometry.transforms import zscore
 from trainables.config import TrialConfig, load_config
 from trainables.data import HeatmapDataset, PreparedImages, PreparedSplits, prepare_splits
 
@@ -120,8 +121,6 @@ def make_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int, se
 def evaluate_split(predictor: LandmarkPredictor, images: PreparedImages, *,
                    batch_size: int = 32) -> tuple[dict, np.ndarray]:
     """Validation metrics in mm (original pixels and spacing) and per-image uncertainty."""
-    from biometry.transforms import zscore
-
     coords, uncertainty = [], []
     for start in range(0, len(images), batch_size):
         batch = np.stack([zscore(img) for img in images.images[start:start + batch_size]])

@@ -30,6 +30,17 @@ ATLAS_SIZE = 10
 SPLITS = ("all", "train", "val", "test")  # as biometry.evaluation.SPLITS
 
 
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``evaluate`` and ``predict``: how the model is run."""
+    parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average with the horizontally flipped input (default: the model's "
+                             "setting)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+                        help="images per forward pass (default 16)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                        help="where the model runs (default cpu)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True,
                         help="model folder (model.pt + model.yaml), e.g. runs/NAME/best")
@@ -39,13 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=SPLITS, default="all",
                         help="evaluate all records (default) or one split of the model's own "
                              "subject split (from model.yaml)")
-    parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="average with the horizontally flipped input (default: the model's "
-                             "setting)")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
-                        help="images per forward pass (default 16)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
-                        help="where the model runs (default cpu)")
+    add_inference_arguments(parser)
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip bad rows/images with a warning instead of stopping")
     parser.add_argument("--atlas", type=int, default=ATLAS_SIZE, metavar="K",

@@ -16,7 +16,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from biometry.commands.evaluate import check_model_folder, resolve_device
+from biometry.commands.evaluate import add_inference_arguments, check_model_folder, resolve_device
 from biometry.errors import BiometryInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -32,13 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pixel spacing in mm for every image, or a CSV (image,pixel_mm or "
                              "HC18's filename,pixel size(mm))")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created if needed)")
-    parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="average with the horizontally flipped input (default: the model's "
-                             "setting)")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
-                        help="images per forward pass (default 16)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
-                        help="where the model runs (default cpu)")
+    add_inference_arguments(parser)
     parser.add_argument("--overlays", type=int, default=-1, metavar="N",
                         help="overlay PNGs to write: the first N images (default: all; 0 = none)")
 
