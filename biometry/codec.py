@@ -80,6 +80,71 @@ def soft_argmax(heatmaps: torch.Tensor, *, beta: float = 1.0, mode: str = "softm
     return torch.stack([x, y], dim=-1)
 
 
+PAIRINGS = ("ordered", "unordered")
+
+
+def pair_soft_argmax(heatmaps: torch.Tensor, *, beta: float, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unordered decoding: both endpoints of a diameter from the sum of its two maps.
+
+    Channels (BPD1, BPD2, OFD1, OFD2) are summed per pair, so it does not matter which channel
+    holds which end, or whether the model splits each end between both channels (what a fixed
+    endpoint order teaches it where the labelled order flips, and what a per-channel soft-argmax
+    averages to the middle of the head). In each pair map the first endpoint is the highest peak,
+    the second the highest peak farther than ``radius`` from it (Chebyshev distance); each is the
+    ``softmax(beta * map)`` expectation over the pixels within ``radius`` of its peak and nearer
+    to it than to the other peak. Differentiable in the map values.
+
+    Args:
+        heatmaps: (B, 4, h, w) tensor.
+        beta: inverse temperature of the softmax.
+        radius: window half size in heatmap pixels.
+
+    Returns:
+        ``(coords, spread)``: (B, 4, 2) (x, y) in heatmap pixels, endpoints of a pair in arbitrary
+        order; (B, 4) the standard deviation (heatmap pixels) of ``softmax(beta * map)`` over each
+        endpoint's half of the map (pixels nearer its peak), an uncertainty that grows with stray
+        mass and does not count the other endpoint's peak.
+    """
+    if heatmaps.ndim != 4 or heatmaps.shape[1] != 4:
+        raise ValueError(f"heatmaps must be (B, 4, h, w) but got shape {tuple(heatmaps.shape)}.")
+    if not (_is_positive_int(radius)):
+        raise ValueError(f"radius must be a positive integer but got {radius!r}.")
+    beta = _check_beta(beta)
+    b, _, h, w = heatmaps.shape
+    pair_maps = torch.stack([heatmaps[:, 0] + heatmaps[:, 1], heatmaps[:, 2] + heatmaps[:, 3]], 1)
+    ys = torch.arange(h, device=heatmaps.device).view(1, 1, h, 1)
+    xs = torch.arange(w, device=heatmaps.device).view(1, 1, 1, w)
+
+    def peak_grid(flat_index):
+        py, px = (flat_index // w)[..., None, None], (flat_index % w)[..., None, None]
+        chebyshev = torch.maximum((ys - py).abs(), (xs - px).abs())
+        squared = (ys - py).square() + (xs - px).square()
+        return chebyshev, squared
+
+    flat = pair_maps.detach().reshape(b, 2, h * w)
+    cheb1, sq1 = peak_grid(flat.argmax(-1))
+    second = flat.masked_fill((cheb1 <= radius).reshape(b, 2, h * w), float("-inf")).argmax(-1)
+    cheb2, sq2 = peak_grid(second)
+    cells = (sq1 <= sq2, sq2 < sq1)
+    logits = beta * pair_maps.float()
+    xs_f, ys_f = xs.to(logits.dtype), ys.to(logits.dtype)
+    coords, spreads = [], []
+    for cell, cheb in zip(cells, (cheb1, cheb2)):
+        window = cell & (cheb <= radius)
+        prob = torch.softmax(logits.masked_fill(~window, float("-inf")).reshape(b, 2, -1), -1)
+        prob = prob.reshape(b, 2, h, w)
+        coords.append(torch.stack([(prob * xs_f).sum((-2, -1)), (prob * ys_f).sum((-2, -1))], -1))
+        prob = torch.softmax(logits.masked_fill(~cell, float("-inf")).reshape(b, 2, -1), -1)
+        prob = prob.reshape(b, 2, h, w)
+        mx, my = (prob * xs_f).sum((-2, -1)), (prob * ys_f).sum((-2, -1))
+        var = (prob * ((xs_f - mx[..., None, None]).square()
+                       + (ys_f - my[..., None, None]).square())).sum((-2, -1))
+        spreads.append(var.clamp_min(0.0).sqrt())
+    order = [(0, 0), (1, 0), (0, 1), (1, 1)]  # (endpoint, pair) -> rows BPD1, BPD2, OFD1, OFD2
+    return (torch.stack([coords[e][:, p] for e, p in order], 1),
+            torch.stack([spreads[e][:, p] for e, p in order], 1))
+
+
 class HeatmapCodec:
     """Keypoints (input pixels) <-> unnormalised Gaussian heatmaps (peak 1) at a stride.
 

@@ -5,6 +5,7 @@ numbers a search reports are the numbers a user gets.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 import yaml
 
-from biometry.codec import HeatmapCodec, soft_argmax
+from biometry.codec import PAIRINGS, HeatmapCodec, pair_soft_argmax, soft_argmax
 from biometry.errors import BiometryInputError
 from biometry.models import create_model
 from biometry.transforms import Orientation, letterbox, zscore
@@ -34,6 +35,7 @@ class ModelSpec:
     softargmax_beta: float
     orientation: dict[str, Any]
     flip_tta: bool = False
+    pairing: str = "ordered"  # "unordered": each pair decoded from its summed maps
     uncertainty_threshold: float | None = None
     coverage_target: float = 0.9
     metrics: dict[str, float] = field(default_factory=dict)
@@ -105,9 +107,33 @@ def load_model_folder(folder: str | Path, *, device: str | torch.device = "cpu")
     return model.to(device).eval(), spec
 
 
-def decode_coords(heatmaps: torch.Tensor, codec: HeatmapCodec, *, beta: float) -> torch.Tensor:
+def pair_radius(codec: HeatmapCodec) -> int:
+    """Window half size of the unordered decoding: 3 sigma, at least 2 heatmap pixels."""
+    return max(2, math.ceil(3 * codec.sigma))
+
+
+def decode_heatmaps(heatmaps: torch.Tensor, codec: HeatmapCodec, *, beta: float,
+                    pairing: str = "ordered") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 4, h, w) raw model output -> ((B, 4, 2) input-pixel coordinates, differentiable;
+    (B,) uncertainty, the mean spread of the decoding distributions in input pixels)."""
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS} but got {pairing!r}.")
+    heatmaps = heatmaps.float()
+    if pairing == "unordered":
+        coords, spread = pair_soft_argmax(heatmaps, beta=beta, radius=pair_radius(codec))
+        return codec.to_input_coords(coords), codec.stride * spread.mean(dim=-1)
+    coords = codec.to_input_coords(soft_argmax(heatmaps, beta=beta))
+    return coords, image_uncertainty(heatmaps, beta=beta, stride=codec.stride)
+
+
+def decode_coords(heatmaps: torch.Tensor, codec: HeatmapCodec, *, beta: float,
+                  pairing: str = "ordered") -> torch.Tensor:
     """(B, 4, h, w) raw model output -> (B, 4, 2) input-pixel coordinates (differentiable)."""
-    return codec.to_input_coords(soft_argmax(heatmaps.float(), beta=beta))
+    heatmaps = heatmaps.float()
+    if pairing == "unordered":
+        coords, _ = pair_soft_argmax(heatmaps, beta=beta, radius=pair_radius(codec))
+        return codec.to_input_coords(coords)
+    return codec.to_input_coords(soft_argmax(heatmaps, beta=beta))
 
 
 class LandmarkPredictor:
@@ -138,14 +164,14 @@ class LandmarkPredictor:
         """(B, 1, H, W) z-scored input -> (coords (B, 4, 2) input px, uncertainty (B,))."""
         batch = batch.to(self.device)
         heatmaps = self.model(batch).float()
-        coords = decode_coords(heatmaps, self.codec, beta=self.spec.softargmax_beta)
-        uncertainty = image_uncertainty(heatmaps, beta=self.spec.softargmax_beta,
-                                        stride=self.spec.stride)
+        coords, uncertainty = decode_heatmaps(heatmaps, self.codec, beta=self.spec.softargmax_beta,
+                                              pairing=self.spec.pairing)
         coords = self.orientation.apply(coords.cpu().numpy())
         uncertainty = np.asarray(uncertainty.cpu() if torch.is_tensor(uncertainty) else uncertainty)
         if self.flip_tta:
             flipped = self.model(torch.flip(batch, dims=[3])).float()
-            coords_f = decode_coords(flipped, self.codec, beta=self.spec.softargmax_beta)
+            coords_f = decode_coords(flipped, self.codec, beta=self.spec.softargmax_beta,
+                                     pairing=self.spec.pairing)
             coords_f = coords_f.cpu().numpy()
             coords_f[..., 0] = self.spec.input_hw[1] - 1 - coords_f[..., 0]
             coords = 0.5 * (coords + match_pairs(coords_f, coords))

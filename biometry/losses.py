@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from biometry.records import BPD, OFD
 
 TERMS = ("heatmap", "coord", "angle", "centre", "order")
+HEATMAP_PAIRINGS = ("labelled", "invariant", "summed")
 _EPS = 1e-12  # floor of |BPD| * |OFD| in the angle term (scaled units squared)
 
 
@@ -41,6 +42,11 @@ class LossConfig:
             predicted BPD and OFD (0 at 90 degrees, 0.5 at 45, 1 when parallel).
         centre_weight: weight of the distance between the predicted BPD and OFD midpoints.
         order_weight: weight of ``relu(|BPD| - |OFD|)``: the BPD must not be longer than the OFD.
+        heatmap_pairing: how the heatmap term treats the endpoint order within a pair:
+            ``"labelled"`` (each channel against its labelled endpoint), ``"invariant"`` (each
+            pair against the better of the two assignments, like the coordinate term) or
+            ``"summed"`` (the sum of a pair's two maps against the sum of its two targets: the
+            order is free, for the unordered decoding ``biometry.codec.pair_soft_argmax``).
 
     At least one of ``heatmap_weight`` and ``coord_weight`` must be positive: the priors alone do not
     locate the landmarks.
@@ -52,6 +58,7 @@ class LossConfig:
     angle_weight: float = 0.0
     centre_weight: float = 0.0
     order_weight: float = 0.0
+    heatmap_pairing: str = "labelled"
 
     def __post_init__(self) -> None:
         for term in TERMS:
@@ -63,6 +70,9 @@ class LossConfig:
             )
         for w in cw:
             _check_weight("channel_weights", w)
+        if self.heatmap_pairing not in HEATMAP_PAIRINGS:
+            raise ValueError(f"heatmap_pairing must be one of {HEATMAP_PAIRINGS} but got "
+                             f"{self.heatmap_pairing!r}.")
         if sum(cw) == 0:
             raise ValueError(f"channel_weights cannot all be 0 but got {tuple(cw)!r}.")
         object.__setattr__(self, "channel_weights", tuple(float(w) for w in cw))
@@ -94,6 +104,26 @@ def heatmap_mse(pred: torch.Tensor, target: torch.Tensor, channel_weights: torch
     """Channel-weighted mean of the per-channel MSE (plain MSE with equal weights)."""
     per_channel = (pred - target).square().mean(dim=(0, 2, 3))  # (4,)
     return (per_channel * channel_weights).sum() / channel_weights.sum()
+
+
+def heatmap_mse_order_invariant(pred: torch.Tensor, target: torch.Tensor,
+                                channel_weights: torch.Tensor) -> torch.Tensor:
+    """``heatmap_mse`` with, per pair and image, the better endpoint assignment of the targets."""
+    straight = (pred - target).square().mean(dim=(2, 3)) * channel_weights  # (B, 4)
+    swapped = (pred - target[:, [1, 0, 3, 2]]).square().mean(dim=(2, 3)) * channel_weights
+    pairs = [torch.minimum(straight[:, list(p)].sum(1), swapped[:, list(p)].sum(1)) for p in (BPD, OFD)]
+    return (pairs[0] + pairs[1]).mean() / channel_weights.sum()
+
+
+def heatmap_mse_summed(pred: torch.Tensor, target: torch.Tensor,
+                       channel_weights: torch.Tensor) -> torch.Tensor:
+    """MSE of each pair's summed maps against its summed targets, weighted by the pair's mean
+    channel weight: which channel holds which endpoint does not matter."""
+    pairs = [list(p) for p in (BPD, OFD)]
+    per_pair = torch.stack([(pred[:, p].sum(1) - target[:, p].sum(1)).square().mean()
+                            for p in pairs])
+    weights = torch.stack([channel_weights[p].mean() for p in pairs])
+    return (per_pair * weights).sum() / weights.sum()
 
 
 def coord_l1(pred: torch.Tensor, true: torch.Tensor, channel_weights: torch.Tensor) -> torch.Tensor:
@@ -166,10 +196,12 @@ def biometry_loss(
         raise ValueError(f"coord_scale must be positive but got {coord_scale!r}.")
     weights = cfg.weights()
     channel_weights = torch.tensor(cfg.channel_weights, device=pred_heatmaps.device)
+    heatmap_term = {"labelled": heatmap_mse, "invariant": heatmap_mse_order_invariant,
+                    "summed": heatmap_mse_summed}[cfg.heatmap_pairing]
     pred = pred_coords.float() / coord_scale
     true = true_coords.float() / coord_scale
     values = {
-        "heatmap": heatmap_mse(pred_heatmaps.float(), target_heatmaps.float(), channel_weights),
+        "heatmap": heatmap_term(pred_heatmaps.float(), target_heatmaps.float(), channel_weights),
         "coord": coord_l1(pred, true, channel_weights),
         "angle": angle_penalty(pred),
         "centre": centre_offset(pred),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from biometry.codec import DECODE_MODES, HeatmapCodec, soft_argmax
+from biometry.codec import DECODE_MODES, HeatmapCodec, pair_soft_argmax, soft_argmax
 from biometry.uncertainty import heatmap_distribution, heatmap_entropy, heatmap_spread, image_uncertainty
 
 INPUT_HW = (96, 128)
@@ -213,3 +213,31 @@ def test_image_uncertainty_numpy_and_torch_agree_and_keep_gradients():
     assert soft.shape == (2,) and np.all(np.isfinite(soft))
     with pytest.raises(ValueError, match=r"^heatmaps must be \(B, K, h, w\) but got shape \(4, 24, 32\)\.$"):
         image_uncertainty(maps[0], stride=4)
+
+
+def test_pair_soft_argmax_recovers_endpoints_in_any_channel_split():
+    codec = HeatmapCodec(input_hw=(128, 192), stride=2, sigma=2.0)
+    points = np.array([[50.3, 20.2], [60.7, 100.1], [20.5, 60.4], [150.2, 70.9]])
+    maps = torch.from_numpy(codec.encode(points))[None]
+    split = maps.clone()
+    split[:, 0] = split[:, 1] = 0.5 * (maps[:, 0] + maps[:, 1])  # BPD ends shared by both channels
+    swapped = maps[:, [1, 0, 3, 2]]
+    for heatmaps in (maps, split, swapped):
+        xy, spread = pair_soft_argmax(heatmaps.clone().requires_grad_(True), beta=20.0, radius=6)
+        got = codec.to_input_coords(xy.detach()).numpy()[0]
+        for a, b in ((0, 1), (2, 3)):  # the order within a pair is free
+            straight = np.abs(got[[a, b]] - points[[a, b]]).max()
+            crossed = np.abs(got[[b, a]] - points[[a, b]]).max()
+            assert min(straight, crossed) < 0.2
+        assert torch.all(spread < 1.0)  # each endpoint's half holds one compact peak
+
+
+def test_pair_soft_argmax_is_differentiable_and_checks_its_input():
+    maps = torch.rand(2, 4, 16, 24, requires_grad=True)
+    xy, _ = pair_soft_argmax(maps, beta=5.0, radius=3)
+    xy.sum().backward()
+    assert maps.grad is not None and torch.isfinite(maps.grad).all() and maps.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"heatmaps must be \(B, 4, h, w\)"):
+        pair_soft_argmax(torch.zeros(1, 3, 8, 8), beta=1.0, radius=2)
+    with pytest.raises(ValueError, match="radius must be a positive integer but got 0."):
+        pair_soft_argmax(torch.zeros(1, 4, 8, 8), beta=1.0, radius=0)

@@ -182,3 +182,39 @@ def test_shape_and_scale_checks():
     with pytest.raises(ValueError) as err:
         biometry_loss(ZERO_HM, ZERO_HM, coords(CROSS), coords(CROSS), ALL_ON, coord_scale=0)
     assert str(err.value) == "coord_scale must be positive but got 0."
+
+
+def _gaussians(points, hw=(12, 16), sigma=1.0) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(hw[0]), torch.arange(hw[1]), indexing="ij")
+    return torch.stack([torch.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma**2))
+                        for x, y in points])[None].float()
+
+
+def test_heatmap_pairings_on_swapped_targets():
+    """A prediction with both pairs' channels swapped: wrong as labelled, right otherwise."""
+    points = [(3, 3), (12, 8), (8, 2), (8, 10)]
+    target = _gaussians(points)
+    swapped = target[:, [1, 0, 3, 2]]
+    xy = coords(points)
+    for pairing, expect_zero in (("labelled", False), ("invariant", True), ("summed", True)):
+        cfg = LossConfig(heatmap_pairing=pairing)
+        _, terms = biometry_loss(swapped, target, xy, xy, cfg)
+        assert (float(terms["heatmap"]) < 1e-12) == expect_zero, pairing
+
+
+def test_summed_pairing_accepts_a_map_split_between_both_channels():
+    points = [(3, 3), (12, 8), (8, 2), (8, 10)]
+    target = _gaussians(points)
+    split = target.clone()
+    split[:, 0] = split[:, 1] = 0.5 * (target[:, 0] + target[:, 1])
+    xy = coords(points)
+    summed = biometry_loss(split, target, xy, xy, LossConfig(heatmap_pairing="summed"))[1]
+    invariant = biometry_loss(split, target, xy, xy, LossConfig(heatmap_pairing="invariant"))[1]
+    assert float(summed["heatmap"]) < 1e-12 < float(invariant["heatmap"])
+
+
+def test_unknown_heatmap_pairing_is_refused():
+    with pytest.raises(ValueError) as err:
+        LossConfig(heatmap_pairing="any")
+    assert str(err.value) == ("heatmap_pairing must be one of ('labelled', 'invariant', 'summed') "
+                              "but got 'any'.")

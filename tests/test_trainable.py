@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,30 @@ def test_command_line_bad_config_is_one_line(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "model.name" in proc.stderr
+
+
+def test_weight_average_is_what_is_saved_and_resume_continues_it(synthetic_csv, tmp_path):
+    """With train.ema_decay the model folder holds the average; trainer.pt the raw weights, so a
+    resumed run continues both (and an unordered-pairing model decodes through its folder)."""
+    import torch
+
+    from biometry.inference import load_model_folder
+
+    cfg = tiny_config(synthetic_csv, ema_decay=0.9, pairing="unordered")
+    data = prepare_splits(cfg.data)
+    run_trial(cfg, data=data, out_dir=tmp_path / "a", log=lambda _: None)
+    checkpoint = tmp_path / "a" / "checkpoint"
+    trainer = torch.load(checkpoint / TRAINER_STATE, weights_only=True)
+    average = torch.load(checkpoint / "model.pt", weights_only=True)
+    assert set(trainer) >= {"model", "ema", "optimizer"}
+    name = next(k for k, v in average.items() if v.is_floating_point() and v.ndim == 4)
+    assert not torch.equal(average[name], trainer["model"][name])  # the average is not the last step
+    torch.testing.assert_close(average[name], trainer["ema"][f"module.{name}"])
+    _, spec = load_model_folder(checkpoint)
+    assert spec.pairing == "unordered"
+
+    resumed = []
+    run_trial(tiny_config(synthetic_csv, ema_decay=0.9, pairing="unordered", epochs=3), data=data,
+              out_dir=tmp_path / "a", resume_from=checkpoint,
+              reporter=lambda m, f: resumed.append(dict(m)), log=lambda _: None)
+    assert [r["epoch"] for r in resumed] == [3] and math.isfinite(resumed[0][OBJECTIVE])

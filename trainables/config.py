@@ -79,9 +79,11 @@ class TrainConfig:
     warmup_epochs: int = 1
     min_lr_ratio: float = 0.02  # cosine schedule ends at lr * min_lr_ratio
     grad_clip: float = 1.0
+    ema_decay: float = 0.0  # per-step decay of the weight average that is validated; 0 = none
     sigma: float = 2.0  # heatmap Gaussian sigma in heatmap pixels
     softargmax_beta: float = 20.0
     flip_tta: bool = False
+    pairing: str = "ordered"  # ordered | unordered (biometry.codec.pair_soft_argmax)
     num_workers: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -99,9 +101,12 @@ class TrainConfig:
                self.warmup_epochs)
         _check(0 < self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in (0, 1]",
                self.min_lr_ratio)
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1)", self.ema_decay)
         _check(self.sigma > 0, "train.sigma", "must be positive", self.sigma)
         _check(self.softargmax_beta > 0, "train.softargmax_beta", "must be positive",
                self.softargmax_beta)
+        _check(self.pairing in ("ordered", "unordered"), "train.pairing",
+               "must be ordered or unordered", self.pairing)
         _check(self.num_workers >= 0, "train.num_workers", "cannot be negative", self.num_workers)
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda",
                self.device)
