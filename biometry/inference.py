@@ -14,7 +14,13 @@ import numpy as np
 import torch
 import yaml
 
-from biometry.codec import PAIRINGS, HeatmapCodec, pair_soft_argmax, soft_argmax
+from biometry.codec import (
+    PAIRINGS,
+    HeatmapCodec,
+    pair_soft_argmax,
+    soft_argmax,
+    window_soft_argmax,
+)
 from biometry.errors import BiometryInputError
 from biometry.models import create_model
 from biometry.transforms import Orientation, letterbox, zscore
@@ -36,6 +42,7 @@ class ModelSpec:
     orientation: dict[str, Any]
     flip_tta: bool = False
     pairing: str = "ordered"  # "unordered": each pair decoded from its summed maps
+    decode: str = "global"  # "window": soft-argmax within codec.window_radius of each peak
     uncertainty_threshold: float | None = None
     coverage_target: float = 0.9
     metrics: dict[str, float] = field(default_factory=dict)
@@ -112,28 +119,40 @@ def pair_radius(codec: HeatmapCodec) -> int:
     return max(2, math.ceil(3 * codec.sigma))
 
 
+DECODES = ("global", "window")
+
+
 def decode_heatmaps(heatmaps: torch.Tensor, codec: HeatmapCodec, *, beta: float,
-                    pairing: str = "ordered") -> tuple[torch.Tensor, torch.Tensor]:
+                    pairing: str = "ordered", decode: str = "global") -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 4, h, w) raw model output -> ((B, 4, 2) input-pixel coordinates, differentiable;
-    (B,) uncertainty, the mean spread of the decoding distributions in input pixels)."""
+    (B,) uncertainty in input pixels: the mean spread of the whole-map distributions, so stray
+    mass that a window decoding ignores still counts against the image)."""
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS} but got {pairing!r}.")
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES} but got {decode!r}.")
     heatmaps = heatmaps.float()
     if pairing == "unordered":
         coords, spread = pair_soft_argmax(heatmaps, beta=beta, radius=pair_radius(codec))
         return codec.to_input_coords(coords), codec.stride * spread.mean(dim=-1)
-    coords = codec.to_input_coords(soft_argmax(heatmaps, beta=beta))
-    return coords, image_uncertainty(heatmaps, beta=beta, stride=codec.stride)
+    if decode == "window":
+        coords = window_soft_argmax(heatmaps, beta=beta, radius=codec.window_radius)
+    else:
+        coords = soft_argmax(heatmaps, beta=beta)
+    return codec.to_input_coords(coords), image_uncertainty(heatmaps, beta=beta, stride=codec.stride)
 
 
 def decode_coords(heatmaps: torch.Tensor, codec: HeatmapCodec, *, beta: float,
-                  pairing: str = "ordered") -> torch.Tensor:
+                  pairing: str = "ordered", decode: str = "global") -> torch.Tensor:
     """(B, 4, h, w) raw model output -> (B, 4, 2) input-pixel coordinates (differentiable)."""
     heatmaps = heatmaps.float()
     if pairing == "unordered":
         coords, _ = pair_soft_argmax(heatmaps, beta=beta, radius=pair_radius(codec))
-        return codec.to_input_coords(coords)
-    return codec.to_input_coords(soft_argmax(heatmaps, beta=beta))
+    elif decode == "window":
+        coords = window_soft_argmax(heatmaps, beta=beta, radius=codec.window_radius)
+    else:
+        coords = soft_argmax(heatmaps, beta=beta)
+    return codec.to_input_coords(coords)
 
 
 class LandmarkPredictor:
@@ -165,13 +184,13 @@ class LandmarkPredictor:
         batch = batch.to(self.device)
         heatmaps = self.model(batch).float()
         coords, uncertainty = decode_heatmaps(heatmaps, self.codec, beta=self.spec.softargmax_beta,
-                                              pairing=self.spec.pairing)
+                                              pairing=self.spec.pairing, decode=self.spec.decode)
         coords = self.orientation.apply(coords.cpu().numpy())
         uncertainty = np.asarray(uncertainty.cpu() if torch.is_tensor(uncertainty) else uncertainty)
         if self.flip_tta:
             flipped = self.model(torch.flip(batch, dims=[3])).float()
             coords_f = decode_coords(flipped, self.codec, beta=self.spec.softargmax_beta,
-                                     pairing=self.spec.pairing)
+                                     pairing=self.spec.pairing, decode=self.spec.decode)
             coords_f = coords_f.cpu().numpy()
             coords_f[..., 0] = self.spec.input_hw[1] - 1 - coords_f[..., 0]
             coords = 0.5 * (coords + match_pairs(coords_f, coords))

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from biometry.codec import DECODE_MODES, HeatmapCodec, pair_soft_argmax, soft_argmax
+from biometry.codec import (
+    DECODE_MODES,
+    HeatmapCodec,
+    pair_soft_argmax,
+    soft_argmax,
+    window_soft_argmax,
+)
 from biometry.uncertainty import heatmap_distribution, heatmap_entropy, heatmap_spread, image_uncertainty
 
 INPUT_HW = (96, 128)
@@ -241,3 +247,16 @@ def test_pair_soft_argmax_is_differentiable_and_checks_its_input():
         pair_soft_argmax(torch.zeros(1, 3, 8, 8), beta=1.0, radius=2)
     with pytest.raises(ValueError, match="radius must be a positive integer but got 0."):
         pair_soft_argmax(torch.zeros(1, 4, 8, 8), beta=1.0, radius=0)
+
+
+def test_window_soft_argmax_ignores_stray_mass_that_pulls_the_global_estimate():
+    codec = HeatmapCodec(input_hw=(128, 192), stride=2, sigma=2.0)
+    maps = torch.from_numpy(codec.encode(np.array([[40.0, 30.0]] * 4)))[None]
+    maps[..., 50:60, 70:90] += 0.9  # a faint ridge far from the peak
+    exact = codec.to_heatmap_coords(torch.tensor([40.0, 30.0]))
+    window = window_soft_argmax(maps, beta=20.0, radius=codec.window_radius)
+    whole = soft_argmax(maps, beta=20.0)
+    assert torch.allclose(window, exact.expand_as(window), atol=0.05)
+    assert (whole - exact).norm(dim=-1).min() > 5  # pulled towards the ridge
+    with pytest.raises(ValueError, match="radius must be a positive integer but got -1."):
+        window_soft_argmax(maps, beta=1.0, radius=-1)

@@ -84,6 +84,7 @@ class TrainConfig:
     softargmax_beta: float = 20.0
     flip_tta: bool = False
     pairing: str = "ordered"  # ordered | unordered (biometry.codec.pair_soft_argmax)
+    decode: str = "global"  # how validation and the saved model decode: global | window
     num_workers: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -107,6 +108,8 @@ class TrainConfig:
                self.softargmax_beta)
         _check(self.pairing in ("ordered", "unordered"), "train.pairing",
                "must be ordered or unordered", self.pairing)
+        _check(self.decode in ("global", "window"), "train.decode", "must be global or window",
+               self.decode)
         _check(self.num_workers >= 0, "train.num_workers", "cannot be negative", self.num_workers)
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda",
                self.device)

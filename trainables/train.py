@@ -153,7 +153,7 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
                      input_hw=cfg.input_hw, stride=cfg.model.output_stride, sigma=cfg.train.sigma,
                      softargmax_beta=cfg.train.softargmax_beta,
                      orientation=data.orientation.to_dict(), flip_tta=cfg.train.flip_tta,
-                     pairing=cfg.train.pairing,
+                     pairing=cfg.train.pairing, decode=cfg.train.decode,
                      coverage_target=cfg.train.coverage_target,
                      data={"source": data.source, "split_seed": cfg.data.split_seed,
                            "val_fraction": cfg.data.val_fraction,
