@@ -54,6 +54,7 @@ class SearchSettings:
     seed: int = 0
     n_startup_trials: int = 10
     max_failures: int = 0
+    start_from_base: bool = True  # the first trial is the preset's own config (Optuna enqueue)
     synthetic_images: int = 0  # > 0: train on this many synthetic images (smoke tests)
 
     def validate(self, source: str) -> None:
@@ -333,7 +334,9 @@ def run_search(args: argparse.Namespace) -> int:
         searcher = tune_api.make_searcher(
             space=space, metric=OBJECTIVE, best_metric=BEST_OBJECTIVE, max_epochs=max_epochs,
             storage_path=run_dir / "optuna.journal", study_name=name, seed=settings.seed,
-            n_startup_trials=settings.n_startup_trials)
+            n_startup_trials=settings.n_startup_trials,
+            points_to_evaluate=[space.point_from_config(base_cfg.flat())]
+            if settings.start_from_base else None)
         scheduler = tune_api.make_scheduler(metric=OBJECTIVE, max_t=max_epochs,
                                             grace_period=min(settings.grace_period, max_epochs),
                                             reduction_factor=settings.reduction_factor)

@@ -74,11 +74,54 @@ class SearchSpace:
                 values[dep.key] = dep.sample(trial, f"{dep.key}@{values[dist.key]}")
         return expand_virtual_keys(values)
 
+    def point_from_config(self, flat: dict[str, Any]) -> dict[str, Any]:
+        """Sampler names -> the values a flat trial config (``TrialConfig.flat()``) has for them,
+        for ``study.enqueue_trial``: the search's first trial is the preset's own config, so its
+        best is never worse than that config on validation. Values the space cannot produce
+        (outside a range, not a choice) are left to the sampler."""
+        values = dict(flat)
+        weights = values.get("loss.channel_weights")
+        if (isinstance(weights, (list, tuple)) and len(weights) == 4 and weights[0] == weights[1]
+                and weights[2] == weights[3] and weights[2] > 0):
+            values["loss.bpd_channel_weight"] = weights[0] / weights[2]
+        point: dict[str, Any] = {}
+        for dist in self.params:
+            chosen = values.get(dist.key)
+            if not _admit(point, dist, sampler_name(dist.key), chosen):
+                continue
+            for dep in self.conditional.get(dist.key, {}).get(chosen, ()):
+                _admit(point, dep, f"{dep.key}@{chosen}", values.get(dep.key))
+        return point
+
     def keys(self) -> list[str]:
         keys = [d.key for d in self.params]
         keys += [d.key for branches in self.conditional.values() for ds in branches.values()
                  for d in ds]
         return sorted(set(keys))
+
+
+def _admit(point: dict[str, Any], dist: Distribution, name: str, value: Any) -> bool:
+    """Add ``value`` under ``name`` when ``dist`` can produce it; say whether it did."""
+    if value is None or isinstance(value, bool) and dist.choices is None:
+        return False
+    if dist.choices is not None:
+        if value not in dist.choices:
+            return False
+        point[name] = value
+        return True
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    if dist.zero and value == 0:
+        point[f"{name}@enabled"] = False
+        return True
+    if not dist.low <= value <= dist.high:
+        return False
+    if dist.is_int and (value != int(value) or (value - dist.low) % int(dist.step or 1)):
+        return False
+    if dist.zero:
+        point[f"{name}@enabled"] = True
+    point[name] = int(value) if dist.is_int else float(value)
+    return True
 
 
 def sampler_name(key: str) -> str:

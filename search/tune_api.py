@@ -130,8 +130,10 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
 def make_searcher(*, space: Callable, metric: str, best_metric: str, max_epochs: int,
                   storage_path: Path, study_name: str, seed: int,
-                  n_startup_trials: int) -> PruneAwareOptunaSearch:
-    """Seeded TPE on a journal-file study in the run folder (``optuna-dashboard`` can open it)."""
+                  n_startup_trials: int,
+                  points_to_evaluate: list[dict] | None = None) -> PruneAwareOptunaSearch:
+    """Seeded TPE on a journal-file study in the run folder (``optuna-dashboard`` can open it);
+    ``points_to_evaluate`` (sampler names -> values) are enqueued as the first trials."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -140,7 +142,8 @@ def make_searcher(*, space: Callable, metric: str, best_metric: str, max_epochs:
                                          multivariate=True, constant_liar=True)
     return PruneAwareOptunaSearch(space=space, metric=metric, mode="min", sampler=sampler,
                                   storage=storage, study_name=study_name, max_epochs=max_epochs,
-                                  best_metric=best_metric)
+                                  best_metric=best_metric,
+                                  points_to_evaluate=[p for p in points_to_evaluate or [] if p])
 
 
 def make_scheduler(*, metric: str, max_t: int, grace_period: int,

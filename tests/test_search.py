@@ -132,3 +132,20 @@ def test_existing_run_is_not_overwritten(tmp_path, ray_session):
     assert (run_dir / "search.json").read_text() == "{}"
 
 # The killed-driver + --resume test lives in tests/reliability/test_faults.py.
+
+
+def test_the_presets_base_config_is_the_first_point_and_the_space_can_produce_it():
+    space = load_space(REPO / "configs/search/default.yaml")
+    base = search_run.load_preset("cpu")
+    from trainables.config import config_from_dict
+
+    point = space.point_from_config(config_from_dict(base.trial).flat())
+    study = optuna.create_study()
+    study.enqueue_trial(point)
+    values = space(study.ask())
+    flat = config_from_dict(base.trial).flat()
+    for key, value in values.items():
+        assert (list(flat[key]) if isinstance(flat[key], tuple) else flat[key]) == value, key
+    # a value outside the space is left to the sampler, not forced
+    assert "train.lr" not in space.point_from_config({**flat, "train.lr": 1.0})
+    assert space.point_from_config({**flat, "loss.angle_weight": 0.0})["loss.angle_weight@enabled"] is False
