@@ -39,6 +39,7 @@ def main() -> int:
                   "--time-budget-min", str(args.time_budget_min), "--num-samples",
                   str(args.num_samples), "--out", args.out, "--name", args.name]
     started = time.time()
+    load_start = os.getloadavg()
     if not args.resume:
         subprocess.run(search_cmd, cwd=REPO, check=True)
     search_seconds = time.time() - started
@@ -51,6 +52,7 @@ def main() -> int:
     subprocess.run(eval_cmd, cwd=REPO, check=True)
     test = json.loads((eval_dir / "summary.json").read_text())
     search = json.loads((run_dir / "summary.json").read_text())
+    base = evaluate_base_trial(run_dir, search, args)
 
     keys = ("bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", "bpd_median_mm", "ofd_median_mm",
             "hc_median_mm", "hc_bias_mm", "hc_loa_low_mm", "hc_loa_high_mm", "nme",
@@ -59,7 +61,9 @@ def main() -> int:
     result = {
         "commands": [" ".join(search_cmd), " ".join(eval_cmd)],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_end": os.getloadavg()},
+                    "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_start": load_start,
+                    "loadavg_end": os.getloadavg()},
+        "mlflow": mlflow_ids(search),
         "search_minutes": round(search_seconds / 60, 1),
         "num_trials": search.get("num_trials"), "trial_states": search.get("trial_states"),
         "best_params": search.get("params"), "best_val": search.get("metrics"),
@@ -67,12 +71,62 @@ def main() -> int:
         "targets": targets,
         "targets_met": {k: bool(test.get(k) is not None and test[k] <= v)
                         for k, v in targets.items()},
+        "base_trial": base,
     }
     out = REPO / "benchmarks/results" / f"accuracy_{args.preset}.json"
     out.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result["test"], indent=2))
     print(f"targets met: {result['targets_met']}; wrote {out}")
     return 0
+
+
+KEYS = ("bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", "bpd_median_mm", "ofd_median_mm", "hc_median_mm")
+
+
+def evaluate_base_trial(run_dir: Path, search: dict, args) -> dict | None:
+    """The search's first trial is the preset's own config (enqueued): evaluate its best
+    checkpoint on the test split too, so the JSON says what the search added over it."""
+    sys.path.insert(0, str(REPO))
+    from search.results import best_checkpoint_folder
+
+    trials = sorted(run_dir.glob("trial_*/params.json"), key=lambda p: p.stat().st_mtime)
+    if not trials:
+        return None
+    trial_dir = trials[0].parent
+    checkpoint = best_checkpoint_folder(trial_dir, search.get("objective", "val_measure_l1_mm"))
+    if checkpoint is None:
+        return {"trial_id": trial_dir.name, "note": "no finished checkpoint"}
+    out = run_dir / "test-eval-base"
+    subprocess.run([sys.executable, "-m", "biometry", "evaluate", "--model", str(checkpoint),
+                    "--data", args.data, "--split", "test", "--out", str(out), "--atlas", "0"],
+                   cwd=REPO, check=True)
+    summary = json.loads((out / "summary.json").read_text())
+    import yaml
+
+    metrics = (yaml.safe_load((checkpoint / "model.yaml").read_text()) or {}).get("metrics") or {}
+    trial_id = trial_dir.name.removeprefix("trial_")
+    return {"trial_id": trial_id, "checkpoint": str(checkpoint),
+            "is_best": trial_id == search.get("best_trial_id"),
+            "val_measure_l1_mm": metrics.get("val_measure_l1_mm"),
+            "test": {k: summary.get(k) for k in KEYS}}
+
+
+def mlflow_ids(search: dict) -> dict:
+    """The search's parent run and the best trial's run in its MLflow store."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(search["tracking_uri"])
+        experiment = client.get_experiment_by_name(search["search"])
+        runs = client.search_runs([experiment.experiment_id], max_results=1000)
+        parent = [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        best = [r.info.run_id for r in runs
+                if r.data.tags.get("ray_trial_id") == search.get("best_trial_id")]
+        return {"tracking_uri": search["tracking_uri"], "experiment": search["search"],
+                "parent_run_id": parent[0] if parent else None,
+                "best_trial_run_id": best[0] if best else None}
+    except Exception as err:  # the figures matter more than the ids
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 if __name__ == "__main__":
