@@ -74,6 +74,11 @@ def main() -> int:
         "base_trial": base,
     }
     out = REPO / "benchmarks/results" / f"accuracy_{args.preset}.json"
+    if args.resume and out.is_file():  # keep the search's own time and machine figures
+        earlier = json.loads(out.read_text())
+        if earlier.get("commands", [""])[0] == result["commands"][0]:
+            for key in ("search_minutes", "machine"):
+                result[key] = earlier.get(key, result[key])
     out.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result["test"], indent=2))
     print(f"targets met: {result['targets_met']}; wrote {out}")
@@ -83,19 +88,44 @@ def main() -> int:
 KEYS = ("bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", "bpd_median_mm", "ofd_median_mm", "hc_median_mm")
 
 
+def find_base_trial(run_dir: Path) -> Path | None:
+    """The trial whose sampled values all equal the preset's own config (the enqueued first
+    trial), read from ``search.json`` and each trial's ``params.json``."""
+    sys.path.insert(0, str(REPO))
+    from trainables.config import config_from_dict
+
+    base = config_from_dict(json.loads((run_dir / "search.json").read_text())["trial"]).flat()
+    for params_file in sorted(run_dir.glob("trial_*/params.json")):
+        params = json.loads(params_file.read_text())
+        plain = {k: v for k, v in params.items() if "@" not in k}
+        if plain and all(_same(base.get(k), v) for k, v in plain.items()):
+            return params_file.parent
+    return None
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return a is not None and b is not None and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)))
+    return a == b
+
+
 def evaluate_base_trial(run_dir: Path, search: dict, args) -> dict | None:
     """The search's first trial is the preset's own config (enqueued): evaluate its best
     checkpoint on the test split too, so the JSON says what the search added over it."""
-    sys.path.insert(0, str(REPO))
     from search.results import best_checkpoint_folder
 
-    trials = sorted(run_dir.glob("trial_*/params.json"), key=lambda p: p.stat().st_mtime)
-    if not trials:
-        return None
-    trial_dir = trials[0].parent
+    trial_dir = find_base_trial(run_dir)
+    if trial_dir is None:
+        return {"note": "no trial ran the preset's own config"}
+    trial_id = trial_dir.name.removeprefix("trial_")
     checkpoint = best_checkpoint_folder(trial_dir, search.get("objective", "val_measure_l1_mm"))
     if checkpoint is None:
-        return {"trial_id": trial_dir.name, "note": "no finished checkpoint"}
+        return {"trial_id": trial_id, "note": "no finished checkpoint"}
+    if trial_id == search.get("best_trial_id"):
+        return {"trial_id": trial_id, "is_best": True, "checkpoint": str(checkpoint),
+                "note": "the preset's own config was the search's best; see test"}
     out = run_dir / "test-eval-base"
     subprocess.run([sys.executable, "-m", "biometry", "evaluate", "--model", str(checkpoint),
                     "--data", args.data, "--split", "test", "--out", str(out), "--atlas", "0"],
@@ -104,9 +134,7 @@ def evaluate_base_trial(run_dir: Path, search: dict, args) -> dict | None:
     import yaml
 
     metrics = (yaml.safe_load((checkpoint / "model.yaml").read_text()) or {}).get("metrics") or {}
-    trial_id = trial_dir.name.removeprefix("trial_")
-    return {"trial_id": trial_id, "checkpoint": str(checkpoint),
-            "is_best": trial_id == search.get("best_trial_id"),
+    return {"trial_id": trial_id, "is_best": False, "checkpoint": str(checkpoint),
             "val_measure_l1_mm": metrics.get("val_measure_l1_mm"),
             "test": {k: summary.get(k) for k in KEYS}}
 
