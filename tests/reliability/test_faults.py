@@ -96,8 +96,9 @@ def test_failing_trials_are_marked_failed_and_the_search_goes_on(tmp_path):
     space.write_text(yaml.safe_dump({"params": {
         "train.lr": {"choices": [1.0e9, 3.0e-3, 2.0e-3]},
         "augment.rotate_deg": {"low": 0.0, "high": 5.0}}}))
+    # start_from_base off: the sampler alone picks every trial (seed 1 includes lr=1e9)
     preset = write_preset(tmp_path / "p.yaml", num_samples=5, epochs=3, concurrent=2,
-                          space=space, grace_period=3, n_startup_trials=5)
+                          space=space, grace_period=3, n_startup_trials=5, start_from_base=False)
     out, fired = tmp_path / "runs", tmp_path / "fired"
     proc = run_command(search_argv(preset, out, "f", "--seed", "1"), timeout=SEARCH_TIMEOUT,
                        BIOMETRY_FAULT=f"raise_at_epoch=2,once_file={fired}")
