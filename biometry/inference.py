@@ -122,37 +122,38 @@ def pair_radius(codec: HeatmapCodec) -> int:
 DECODES = ("global", "window")
 
 
+def decode_coords(heatmaps: torch.Tensor, codec: HeatmapCodec, *, beta: float,
+                  pairing: str = "ordered", decode: str = "global") -> torch.Tensor:
+    """(B, 4, h, w) raw model output -> (B, 4, 2) input-pixel coordinates (differentiable)."""
+    return _decode(heatmaps.float(), codec, beta=beta, pairing=pairing, decode=decode)[0]
+
+
 def decode_heatmaps(heatmaps: torch.Tensor, codec: HeatmapCodec, *, beta: float,
                     pairing: str = "ordered", decode: str = "global") -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 4, h, w) raw model output -> ((B, 4, 2) input-pixel coordinates, differentiable;
     (B,) uncertainty in input pixels: the mean spread of the whole-map distributions, so stray
     mass that a window decoding ignores still counts against the image)."""
+    heatmaps = heatmaps.float()
+    coords, spread = _decode(heatmaps, codec, beta=beta, pairing=pairing, decode=decode)
+    if spread is None:
+        return coords, image_uncertainty(heatmaps, beta=beta, stride=codec.stride)
+    return coords, codec.stride * spread.mean(dim=-1)
+
+
+def _decode(heatmaps, codec, *, beta, pairing, decode):
+    """-> (input-pixel coordinates, per-endpoint spread of the unordered decoding or None)."""
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS} but got {pairing!r}.")
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {DECODES} but got {decode!r}.")
-    heatmaps = heatmaps.float()
     if pairing == "unordered":
         coords, spread = pair_soft_argmax(heatmaps, beta=beta, radius=pair_radius(codec))
-        return codec.to_input_coords(coords), codec.stride * spread.mean(dim=-1)
+        return codec.to_input_coords(coords), spread
     if decode == "window":
         coords = window_soft_argmax(heatmaps, beta=beta, radius=codec.window_radius)
     else:
         coords = soft_argmax(heatmaps, beta=beta)
-    return codec.to_input_coords(coords), image_uncertainty(heatmaps, beta=beta, stride=codec.stride)
-
-
-def decode_coords(heatmaps: torch.Tensor, codec: HeatmapCodec, *, beta: float,
-                  pairing: str = "ordered", decode: str = "global") -> torch.Tensor:
-    """(B, 4, h, w) raw model output -> (B, 4, 2) input-pixel coordinates (differentiable)."""
-    heatmaps = heatmaps.float()
-    if pairing == "unordered":
-        coords, _ = pair_soft_argmax(heatmaps, beta=beta, radius=pair_radius(codec))
-    elif decode == "window":
-        coords = window_soft_argmax(heatmaps, beta=beta, radius=codec.window_radius)
-    else:
-        coords = soft_argmax(heatmaps, beta=beta)
-    return codec.to_input_coords(coords)
+    return codec.to_input_coords(coords), None
 
 
 class LandmarkPredictor:
