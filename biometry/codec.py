@@ -107,10 +107,19 @@ def window_soft_argmax(heatmaps: torch.Tensor, *, beta: float, radius: int) -> t
     xs = torch.arange(w, device=heatmaps.device).view(1, 1, 1, w)
     window = (((ys - (peak // w)[..., None, None]).abs() <= radius)
               & ((xs - (peak % w)[..., None, None]).abs() <= radius))
-    logits = (beta * heatmaps.float()).masked_fill(~window, float("-inf"))
-    prob = torch.softmax(logits.reshape(b, k, h * w), -1).reshape(b, k, h, w)
-    return torch.stack([(prob * xs.to(prob.dtype)).sum((-2, -1)),
-                        (prob * ys.to(prob.dtype)).sum((-2, -1))], -1)
+    return _masked_softmax_mean(beta * heatmaps.float(), window)[0]
+
+
+def _masked_softmax_mean(logits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax`` of (B, K, h, w) ``logits`` over the pixels where ``keep`` is true (each map
+    keeps at least one) -> ((B, K, 2) expected (x, y) in heatmap pixels, the distribution)."""
+    b, k, h, w = logits.shape
+    masked = logits.masked_fill(~keep, float("-inf")).reshape(b, k, h * w)
+    prob = torch.softmax(masked, -1).reshape(b, k, h, w)
+    xs = torch.arange(w, dtype=prob.dtype, device=prob.device)
+    ys = torch.arange(h, dtype=prob.dtype, device=prob.device)
+    mean = torch.stack([(prob.sum(-2) * xs).sum(-1), (prob.sum(-1) * ys).sum(-1)], -1)
+    return mean, prob
 
 
 PAIRINGS = ("ordered", "unordered")
@@ -160,18 +169,12 @@ def pair_soft_argmax(heatmaps: torch.Tensor, *, beta: float, radius: int) -> tup
     cheb2, sq2 = peak_grid(second)
     cells = (sq1 <= sq2, sq2 < sq1)
     logits = beta * pair_maps.float()
-    xs_f, ys_f = xs.to(logits.dtype), ys.to(logits.dtype)
     coords, spreads = [], []
     for cell, cheb in zip(cells, (cheb1, cheb2)):
-        window = cell & (cheb <= radius)
-        prob = torch.softmax(logits.masked_fill(~window, float("-inf")).reshape(b, 2, -1), -1)
-        prob = prob.reshape(b, 2, h, w)
-        coords.append(torch.stack([(prob * xs_f).sum((-2, -1)), (prob * ys_f).sum((-2, -1))], -1))
-        prob = torch.softmax(logits.masked_fill(~cell, float("-inf")).reshape(b, 2, -1), -1)
-        prob = prob.reshape(b, 2, h, w)
-        mx, my = (prob * xs_f).sum((-2, -1)), (prob * ys_f).sum((-2, -1))
-        var = (prob * ((xs_f - mx[..., None, None]).square()
-                       + (ys_f - my[..., None, None]).square())).sum((-2, -1))
+        coords.append(_masked_softmax_mean(logits, cell & (cheb <= radius))[0])
+        mean, prob = _masked_softmax_mean(logits, cell)
+        var = (prob * ((xs - mean[..., 0, None, None]).square()
+                       + (ys - mean[..., 1, None, None]).square())).sum((-2, -1))
         spreads.append(var.clamp_min(0.0).sqrt())
     order = [(0, 0), (1, 0), (0, 1), (1, 1)]  # (endpoint, pair) -> rows BPD1, BPD2, OFD1, OFD2
     return (torch.stack([coords[e][:, p] for e, p in order], 1),
