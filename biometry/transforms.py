@@ -103,6 +103,31 @@ def letterbox(
     return out, points, box
 
 
+def zoom_to(image: np.ndarray, center: np.ndarray, scale: float,
+            input_hw: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
+    """Render ``image`` at ``scale`` with ``center`` (original pixels) at the middle of an
+    ``input_hw`` frame, 0 outside the image: the second, scale-normalised look of a head.
+
+    The shift is whole input pixels, so the map stays a ``Letterbox`` (``input = orig * scale +
+    pad``) and ``Letterbox.to_original`` brings predictions back.
+    """
+    h, w = _check_hw("input_hw", input_hw)
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive number but got {scale!r}.")
+    interpolation = cv2.INTER_AREA if scale <= 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(np.asarray(image), (0, 0), fx=scale, fy=scale, interpolation=interpolation)
+    offset = 0.5 * (scale - 1.0)
+    cx, cy = np.asarray(center, dtype=np.float64) * scale + offset
+    dx, dy = round((w - 1) / 2 - cx), round((h - 1) / 2 - cy)
+    out = np.zeros((h, w), dtype=np.uint8)
+    # the part of the resized image that lands inside the frame
+    x0, y0 = max(0, dx), max(0, dy)
+    x1, y1 = min(w, dx + resized.shape[1]), min(h, dy + resized.shape[0])
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = resized[y0 - dy:y1 - dy, x0 - dx:x1 - dx]
+    return out, Letterbox(scale=float(scale), pad_x=offset + dx, pad_y=offset + dy)
+
+
 def zscore(image: np.ndarray) -> np.ndarray:
     """Per-image z-score: float32 of the same shape, mean 0 and std 1 (std 0 gives all zeros)."""
     x = np.asarray(image, dtype=np.float32)
@@ -141,6 +166,10 @@ class AugmentConfig:
         scale_max: largest isotropic zoom factor.
         translate_frac: shift drawn from [-translate_frac, translate_frac] of width/height.
         affine_p: probability of the rotate/scale/translate step.
+        zoom_out_min: smallest zoom of the zoom-out draw (1 = none): heads smaller in the frame than
+            the training images hold (early gestation, deep fields of view).
+        zoom_out_p: share of the affine steps whose zoom is drawn from [zoom_out_min, scale_min]
+            instead of [scale_min, scale_max], so most samples keep the usual scale.
         hflip_p: probability of a horizontal flip.
         vflip_p: probability of a vertical flip.
         brightness: brightness change drawn from [-brightness, brightness] (fraction of 255).
@@ -161,6 +190,8 @@ class AugmentConfig:
     scale_max: float = 1.1
     translate_frac: float = 0.05
     affine_p: float = 0.8
+    zoom_out_min: float = 1.0
+    zoom_out_p: float = 0.0
     hflip_p: float = 0.5
     vflip_p: float = 0.0
     brightness: float = 0.2
@@ -183,7 +214,9 @@ class AugmentConfig:
             raise ValueError(f"scale_min must be positive but got {self.scale_min}.")
         _ordered("scale_min", self.scale_min, "scale_max", self.scale_max)
         _in_range("translate_frac", self.translate_frac, 0, 0.5)
-        for name in ("affine_p", "hflip_p", "vflip_p", "intensity_p", "brightness", "contrast", "noise_std"):
+        if self.zoom_out_min <= 0:
+            raise ValueError(f"zoom_out_min must be positive but got {self.zoom_out_min}.")
+        for name in ("affine_p", "zoom_out_p", "hflip_p", "vflip_p", "intensity_p", "brightness", "contrast", "noise_std"):
             _in_range(name, getattr(self, name), 0, 1)
         if self.gamma_min <= 0:
             raise ValueError(f"gamma_min must be positive but got {self.gamma_min}.")
@@ -195,7 +228,8 @@ class AugmentConfig:
     def off(cls) -> AugmentConfig:
         """The identity augmentation (every step left out)."""
         return cls(
-            rotate_deg=0.0, scale_min=1.0, scale_max=1.0, translate_frac=0.0, hflip_p=0.0,
+            rotate_deg=0.0, scale_min=1.0, scale_max=1.0, translate_frac=0.0, zoom_out_min=1.0,
+            zoom_out_p=0.0, hflip_p=0.0,
             vflip_p=0.0, brightness=0.0, contrast=0.0, gamma_min=1.0, gamma_max=1.0,
             noise_std=0.0, blur_sigma=0.0,
         )
@@ -204,23 +238,38 @@ class AugmentConfig:
         return asdict(self)
 
 
+def _affine(cfg: AugmentConfig, scale: tuple[float, float], p: float) -> A.Affine:
+    t = cfg.translate_frac
+    return A.Affine(
+        rotate=(-cfg.rotate_deg, cfg.rotate_deg),
+        scale=scale,
+        keep_ratio=True,
+        translate_percent={"x": (-t, t), "y": (-t, t)},
+        interpolation=cv2.INTER_LINEAR,
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=0,
+        p=p,
+    )
+
+
+def _zooms_out(cfg: AugmentConfig) -> bool:
+    return cfg.zoom_out_p > 0 and cfg.zoom_out_min < cfg.scale_min
+
+
 def _geometric(cfg: AugmentConfig) -> list:
     steps = []
-    moves = cfg.rotate_deg > 0 or cfg.scale_min != 1 or cfg.scale_max != 1 or cfg.translate_frac > 0
+    moves = (cfg.rotate_deg > 0 or cfg.scale_min != 1 or cfg.scale_max != 1
+             or cfg.translate_frac > 0 or _zooms_out(cfg))
     if moves and cfg.affine_p > 0:
-        t = cfg.translate_frac
-        steps.append(
-            A.Affine(
-                rotate=(-cfg.rotate_deg, cfg.rotate_deg),
-                scale=(cfg.scale_min, cfg.scale_max),
-                keep_ratio=True,
-                translate_percent={"x": (-t, t), "y": (-t, t)},
-                interpolation=cv2.INTER_LINEAR,
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                p=cfg.affine_p,
-            )
-        )
+        usual = (cfg.scale_min, cfg.scale_max)
+        if _zooms_out(cfg):
+            # OneOf weighs its children by their p: zoom_out_p of the affine steps zoom out
+            steps.append(A.OneOf([
+                _affine(cfg, usual, p=1.0 - cfg.zoom_out_p),
+                _affine(cfg, (cfg.zoom_out_min, cfg.scale_min), p=cfg.zoom_out_p),
+            ], p=cfg.affine_p))
+        else:
+            steps.append(_affine(cfg, usual, p=cfg.affine_p))
     if cfg.hflip_p > 0:
         steps.append(A.HorizontalFlip(p=cfg.hflip_p))
     if cfg.vflip_p > 0:

@@ -18,6 +18,7 @@ from biometry.transforms import (
     augmentation_steps,
     build_augmentation,
     letterbox,
+    zoom_to,
     zscore,
 )
 
@@ -315,3 +316,67 @@ def test_orientation_from_dict_errors(data, message):
 def test_augment_config_accepts_numpy_numbers():
     cfg = AugmentConfig(rotate_deg=np.float64(12.5), noise_std=np.float32(0.01), hflip_p=np.int64(1))
     assert cfg.rotate_deg == 12.5
+
+
+# -------------------------------------------------------------------------------------------------
+# zoom-out mixture and the second look's rendering
+# -------------------------------------------------------------------------------------------------
+
+ZOOM_MIX = AugmentConfig(rotate_deg=0.0, scale_min=0.95, scale_max=1.05, translate_frac=0.0,
+                         affine_p=1.0, zoom_out_min=0.5, zoom_out_p=0.3, hflip_p=0.0,
+                         brightness=0.0, contrast=0.0, gamma_min=1.0, gamma_max=1.0,
+                         noise_std=0.0)
+
+
+def test_zoom_out_mixture_draws_its_share_below_scale_min():
+    aug = build_augmentation(ZOOM_MIX)
+    points = np.array([[100.0, 136.0], [300.0, 136.0]])
+    zooms = []
+    for seed in range(400):
+        _, out = augment(aug, np.zeros(HW, np.uint8), points, seed=seed)
+        zooms.append(np.linalg.norm(out[1] - out[0]) / 200.0)
+    zooms = np.array(zooms)
+    assert 0.5 - 1e-3 <= zooms.min() and zooms.max() <= 1.05 + 1e-3
+    assert 0.24 < np.mean(zooms < 0.95 - 1e-3) < 0.36  # zoom_out_p = 0.3 of 400 draws
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dot_stays_under_its_landmark_through_the_zoom_out_mixture(seed):
+    image = draw_dots(HW, LANDMARKS)
+    out_image, out_points = augment(build_augmentation(ZOOM_MIX), image, LANDMARKS, seed=seed)
+    assert np.abs(dot_centres(out_image, out_points) - out_points).max() < TOLERANCE_PX
+
+
+def test_zoom_out_mixture_is_left_out_when_it_cannot_zoom_out():
+    plain = AugmentConfig(scale_min=0.9, zoom_out_min=0.9, zoom_out_p=0.5)
+    assert type(augmentation_steps(plain)[0]).__name__ == "Affine"
+    assert type(augmentation_steps(ZOOM_MIX)[0]).__name__ == "OneOf"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(zoom_out_min=0.0), "zoom_out_min must be positive but got 0.0."),
+    (dict(zoom_out_p=1.5), "zoom_out_p must be in [0, 1] but got 1.5."),
+])
+def test_zoom_out_options_are_checked(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        AugmentConfig(**kwargs)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("scale", [0.3, 0.8, 1.6])
+def test_zoom_to_centres_the_point_and_keeps_dots_under_their_landmarks(scale):
+    source = draw_dots((540, 800), LANDMARKS * 1.5, sigma=3.0)
+    centre = (LANDMARKS * 1.5).mean(axis=0)
+    image, box = zoom_to(source, centre, scale, HW)
+    assert image.shape == HW and image.dtype == np.uint8
+    middle = box.to_input(centre[None])[0]
+    assert np.abs(middle - [199.5, 135.5]).max() <= 0.5 + 1e-9
+    points = box.to_input(LANDMARKS * 1.5)
+    np.testing.assert_allclose(box.to_original(points), LANDMARKS * 1.5)
+    if scale >= 0.8:  # dots of 3 px shrunk to under a pixel cannot be located
+        assert np.abs(dot_centres(image, points) - points).max() < TOLERANCE_PX
+
+
+def test_zoom_to_far_outside_the_image_gives_an_empty_frame():
+    image, _ = zoom_to(np.full((540, 800), 200, np.uint8), np.array([5000.0, 5000.0]), 0.5, (64, 96))
+    assert image.max() == 0
