@@ -1,11 +1,14 @@
 """Scale stress test on the validation split: how a model measures heads smaller in the frame.
 
     python benchmarks/zoom_stress.py --model runs/NAME/best --zooms 1.0 0.7 0.5 [--name NAME]
+        [--second-look-quantile Q]
 
 Each validation image of the model's own subject split is shrunk by a factor and centred on a
 black frame of the original size (the head gets smaller in the frame, as in zoomed-out scans);
 labels move with it and the pixel spacing is divided by the factor, so errors stay in mm. The
-test split is never read. Writes ``benchmarks/results/zoom_stress_NAME.json``.
+test split is never read. ``--second-look-quantile Q`` replaces the model's second-look range by
+the [Q, 1 - Q] quantiles of its own training split's heads (0: no second look), to compare the
+option on one set of weights. Writes ``benchmarks/results/zoom_stress_NAME.json``.
 """
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ from benchmarks._common import machine_info  # noqa: E402
 from biometry.evaluation import select_split  # noqa: E402
 from biometry.inference import LandmarkPredictor  # noqa: E402
 from biometry.io import import_dataset  # noqa: E402
+from biometry.io import read_grayscale  # noqa: E402
 from biometry.metrics import per_image_errors  # noqa: E402
+from biometry.transforms import letterbox  # noqa: E402
+from trainables.train import head_scale_range  # noqa: E402
 
 
 def zoom_out(image: np.ndarray, landmarks: np.ndarray, factor: float):
@@ -46,10 +52,19 @@ def main() -> int:
     p.add_argument("--data", default=str(REPO.parent / "shared/data/hc18"))
     p.add_argument("--zooms", type=float, nargs="+", default=[1.0, 0.7, 0.5])
     p.add_argument("--name", default=None, help="results name (default: the model folder's parent)")
+    p.add_argument("--second-look-quantile", type=float, default=None,
+                   help="override the model's second-look range (0 = off)")
     args = p.parse_args()
 
     predictor = LandmarkPredictor.from_folder(args.model)
-    records = select_split(import_dataset(args.data).records, predictor.spec, "val", data=args.data)
+    all_records = import_dataset(args.data).records
+    records = select_split(all_records, predictor.spec, "val", data=args.data)
+    if args.second_look_quantile is not None:
+        train = select_split(all_records, predictor.spec, "train", data=args.data)
+        boxed = [letterbox(read_grayscale(r.image), r.landmarks, predictor.spec.input_hw)[1]
+                 for r in train]
+        predictor.spec.head_scale = head_scale_range(np.stack(boxed), args.second_look_quantile)
+        print(f"second look: {predictor.spec.head_scale or 'off'}")
     images = [cv2.imread(str(r.image), cv2.IMREAD_GRAYSCALE) for r in records]
     spacing = np.array([r.pixel_mm for r in records])
     rows = []
@@ -70,6 +85,7 @@ def main() -> int:
     out = REPO / "benchmarks/results" / f"zoom_stress_{name}.json"
     out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                                "model": str(Path(args.model).resolve()), "machine": machine_info(),
+                               "head_scale": predictor.spec.head_scale,
                                "results": rows}, indent=2))
     print(f"wrote {out}")
     return 0

@@ -23,7 +23,8 @@ from biometry.codec import (
 )
 from biometry.errors import BiometryInputError
 from biometry.models import create_model
-from biometry.transforms import Orientation, letterbox, zscore
+from biometry.records import BPD, OFD
+from biometry.transforms import Orientation, letterbox, zoom_to, zscore
 from biometry.uncertainty import image_uncertainty
 
 MODEL_FORMAT = "biometry-model/1"
@@ -43,6 +44,9 @@ class ModelSpec:
     flip_tta: bool = False
     pairing: str = "ordered"  # "unordered": each pair decoded from its summed maps
     decode: str = "global"  # "window": soft-argmax within codec.window_radius of each peak
+    # OFD length in input pixels: {"low", "high", "target"}; a head measured outside [low, high] on
+    # the first look is measured again rendered at "target" (see LandmarkPredictor.predict)
+    head_scale: dict[str, float] = field(default_factory=dict)
     uncertainty_threshold: float | None = None
     coverage_target: float = 0.9
     metrics: dict[str, float] = field(default_factory=dict)
@@ -198,17 +202,47 @@ class LandmarkPredictor:
         return coords, uncertainty
 
     def predict(self, images: list[np.ndarray], *, batch_size: int = 16):
-        """Original uint8 images of any size -> (coords (N, 4, 2) original px, uncertainty (N,))."""
+        """Original uint8 images of any size -> (coords (N, 4, 2) original px, uncertainty (N,)).
+
+        With ``spec.head_scale``, a head whose first-look OFD lies outside the range of the
+        training heads is looked at again, rendered so that its OFD is the training median and
+        centred: a small head in a wide field of view is then measured with more pixels and at a
+        scale the model was trained on.
+        """
+        boxes = [letterbox(img, None, self.spec.input_hw) for img in images]
+        coords, uncertainty = self._predict_boxed(boxes, batch_size)
+        redo = self.needs_second_look(coords, [box for _, _, box in boxes])
+        if redo.any():
+            second = [self._second_look(images[i], coords[i], boxes[i][2]) for i in np.flatnonzero(redo)]
+            coords[redo], uncertainty[redo] = self._predict_boxed(second, batch_size)
+        return coords, uncertainty
+
+    def _predict_boxed(self, boxed: list, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         coords, uncertainty = [], []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            boxed = [letterbox(img, None, self.spec.input_hw) for img in chunk]
-            batch = torch.from_numpy(np.stack([zscore(b[0]) for b in boxed]))[:, None]
+        for start in range(0, len(boxed), batch_size):
+            chunk = boxed[start:start + batch_size]
+            batch = torch.from_numpy(np.stack([zscore(b[0]) for b in chunk]))[:, None]
             pred, unc = self.predict_input(batch)
-            for i, (_, _, box) in enumerate(boxed):
-                coords.append(box.to_original(pred[i]))
+            coords.extend(b[-1].to_original(pred[i]) for i, b in enumerate(chunk))
             uncertainty.append(unc)
-        return np.stack(coords), np.concatenate(uncertainty)
+        return np.stack(coords), np.concatenate(uncertainty).astype(np.float64)
+
+    def needs_second_look(self, coords: np.ndarray, boxes: list) -> np.ndarray:
+        """(N,) bool: the first look's OFD, in input pixels, lies outside ``spec.head_scale``."""
+        scale = self.spec.head_scale
+        if not scale or len(coords) == 0:
+            return np.zeros(len(coords), dtype=bool)
+        ofd = np.linalg.norm(coords[:, OFD[1]] - coords[:, OFD[0]], axis=-1)
+        ofd_input = ofd * np.array([box.scale for box in boxes])
+        return (ofd_input < scale["low"]) | (ofd_input > scale["high"])
+
+    def _second_look(self, image: np.ndarray, coords: np.ndarray, box):
+        ofd = max(float(np.linalg.norm(coords[OFD[1]] - coords[OFD[0]])), 1e-6)
+        centre = 0.5 * (coords[list(OFD)].mean(axis=0) + coords[list(BPD)].mean(axis=0))
+        # never more than 4x the first look's scale: a collapsed first look must not blow up
+        scale = min(self.spec.head_scale["target"] / ofd, 4.0 * box.scale)
+        rendered, new_box = zoom_to(image, centre, scale, self.spec.input_hw)
+        return rendered, new_box
 
     def flagged(self, uncertainty: np.ndarray) -> np.ndarray:
         threshold = self.spec.uncertainty_threshold

@@ -85,6 +85,9 @@ class TrainConfig:
     flip_tta: bool = False
     pairing: str = "ordered"  # ordered | unordered (biometry.codec.pair_soft_argmax)
     decode: str = "global"  # how validation and the saved model decode: global | window
+    # a head whose first-look OFD is outside the training heads' [q, 1 - q] quantiles is measured
+    # again rendered at the median training scale (biometry.inference.LandmarkPredictor.predict)
+    second_look_quantile: float = 0.0
     num_workers: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -110,6 +113,8 @@ class TrainConfig:
                "must be ordered or unordered", self.pairing)
         _check(self.decode in ("global", "window"), "train.decode", "must be global or window",
                self.decode)
+        _check(0 <= self.second_look_quantile < 0.5, "train.second_look_quantile",
+               "must be in [0, 0.5)", self.second_look_quantile)
         _check(self.num_workers >= 0, "train.num_workers", "cannot be negative", self.num_workers)
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda",
                self.device)

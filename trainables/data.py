@@ -25,7 +25,9 @@ class PreparedImages:
     """One split, letterboxed to the model input.
 
     Shapes: images (N, H, W) uint8; landmarks (N, 4, 2) input px; original (N, 4, 2) original px;
-    letterbox (N, 3) = (scale, pad_x, pad_y); pixel_mm (N,) original spacing.
+    letterbox (N, 3) = (scale, pad_x, pad_y); pixel_mm (N,) original spacing. ``sources``: the
+    decoded original images (validation keeps them, so that it measures through
+    ``LandmarkPredictor.predict`` exactly as ``evaluate`` does, second look included).
     """
 
     images: np.ndarray
@@ -35,6 +37,7 @@ class PreparedImages:
     pixel_mm: np.ndarray
     names: list[str]
     subjects: list[str]
+    sources: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -57,12 +60,13 @@ class PreparedSplits:
 
 
 def prepare_images(records: list[LandmarkRecord], input_hw: tuple[int, int], *,
-                   threads: int = 2) -> PreparedImages:
+                   threads: int = 2, keep_sources: bool = False) -> PreparedImages:
     """Decode and letterbox every record once (cv2 releases the GIL, so threads help)."""
 
     def one(record: LandmarkRecord):
-        image, points, box = letterbox(read_grayscale(record.image), record.landmarks, input_hw)
-        return image, points, (box.scale, box.pad_x, box.pad_y)
+        source = read_grayscale(record.image)
+        image, points, box = letterbox(source, record.landmarks, input_hw)
+        return image, points, (box.scale, box.pad_x, box.pad_y), source if keep_sources else None
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         decoded = list(pool.map(one, records))
@@ -74,6 +78,7 @@ def prepare_images(records: list[LandmarkRecord], input_hw: tuple[int, int], *,
         pixel_mm=np.array([r.pixel_mm for r in records], dtype=np.float64),
         names=[r.name for r in records],
         subjects=[r.subject for r in records],
+        sources=[d[3] for d in decoded] if keep_sources else None,
     )
 
 
@@ -98,7 +103,7 @@ def prepare_splits(data_cfg, *, exclude: set[str] | None = None) -> PreparedSpli
     train_records = [r for r in splits["train"] if not exclude or r.name not in exclude]
     input_hw = (data_cfg.input_h, data_cfg.input_w)
     train = prepare_images(train_records, input_hw)
-    val = prepare_images(splits["val"], input_hw)
+    val = prepare_images(splits["val"], input_hw, keep_sources=True)
     return PreparedSplits(
         input_hw=input_hw,
         train=train,

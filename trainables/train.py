@@ -30,7 +30,7 @@ from biometry.inference import LandmarkPredictor, ModelSpec, decode_coords, save
 from biometry.losses import biometry_loss
 from biometry.metrics import summarize
 from biometry.models import create_model
-from biometry.transforms import zscore
+from biometry.records import OFD
 from trainables.config import TrialConfig, load_config
 from trainables.data import HeatmapDataset, PreparedImages, PreparedSplits, prepare_splits
 
@@ -120,17 +120,29 @@ def make_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int, se
 
 def evaluate_split(predictor: LandmarkPredictor, images: PreparedImages, *,
                    batch_size: int = 32) -> tuple[dict, np.ndarray]:
-    """Validation metrics in mm (original pixels and spacing) and per-image uncertainty."""
-    coords, uncertainty = [], []
-    for start in range(0, len(images), batch_size):
-        batch = np.stack([zscore(img) for img in images.images[start:start + batch_size]])
-        pred, unc = predictor.predict_input(torch.from_numpy(batch)[:, None])
-        coords.append(pred)
-        uncertainty.append(unc)
-    pred_original = images.to_original(np.concatenate(coords))
-    uncertainty = np.concatenate(uncertainty)
+    """Validation metrics in mm (original pixels and spacing) and per-image uncertainty.
+
+    The original images go through ``predictor.predict`` as in ``evaluate``, so a second look at
+    an out-of-range head (``ModelSpec.head_scale``) is part of what validation measures. Without
+    them (``sources`` None) the letterboxed images stand in for the originals.
+    """
+    if images.sources is not None:
+        pred_original, uncertainty = predictor.predict(images.sources, batch_size=batch_size)
+    else:
+        coords, uncertainty = predictor.predict(list(images.images), batch_size=batch_size)
+        pred_original = images.to_original(coords)
     summary = summarize(pred_original, images.original, images.pixel_mm, uncertainty=uncertainty)
     return summary.as_dict(), uncertainty
+
+
+def head_scale_range(landmarks: np.ndarray, quantile: float) -> dict[str, float]:
+    """The training heads' OFD in input pixels: below the ``quantile`` or above the
+    ``1 - quantile`` quantile a head gets a second look at the median (``{}`` when 0)."""
+    if quantile <= 0:
+        return {}
+    ofd = np.linalg.norm(landmarks[:, OFD[1]] - landmarks[:, OFD[0]], axis=-1)
+    low, target, high = np.quantile(ofd, [quantile, 0.5, 1.0 - quantile])
+    return {"low": float(low), "high": float(high), "target": float(target)}
 
 
 def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: str | Path,
@@ -154,6 +166,7 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
                      softargmax_beta=cfg.train.softargmax_beta,
                      orientation=data.orientation.to_dict(), flip_tta=cfg.train.flip_tta,
                      pairing=cfg.train.pairing, decode=cfg.train.decode,
+                     head_scale=head_scale_range(data.train.landmarks, cfg.train.second_look_quantile),
                      coverage_target=cfg.train.coverage_target,
                      data={"source": data.source, "split_seed": cfg.data.split_seed,
                            "val_fraction": cfg.data.val_fraction,

@@ -1,0 +1,88 @@
+"""The second look: a head measured outside the training heads' scale range is measured again,
+rendered at the median training scale, and validation measures exactly what evaluate does."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from biometry.commands import evaluate
+from biometry.inference import LandmarkPredictor, load_model_spec
+from biometry.io import read_grayscale
+from biometry.records import OFD
+from biometry.transforms import letterbox, zoom_to
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def command(module, *argv) -> int:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def second_look_model(tmp_path_factory) -> Path:
+    """One epoch of the smoke config with the outer 30% of head scales given a second look."""
+    from trainables.config import load_config
+    from trainables.train import run_trial
+
+    out = tmp_path_factory.mktemp("second_look")
+    cfg = load_config(REPO / "configs/trial/smoke.yaml",
+                      overrides={"train.epochs": 1, "data.limit": 40,
+                                 "train.second_look_quantile": 0.3})
+    run_trial(cfg, out_dir=out, log=lambda _: None)
+    return out / "best"
+
+
+def test_head_scale_range_is_the_training_quantiles():
+    from trainables.train import head_scale_range
+
+    landmarks = np.zeros((101, 4, 2))
+    landmarks[:, OFD[1], 0] = np.arange(101.0)  # OFD lengths 0..100 input px
+    assert head_scale_range(landmarks, 0.0) == {}
+    assert head_scale_range(landmarks, 0.1) == pytest.approx({"low": 10.0, "high": 90.0,
+                                                              "target": 50.0})
+
+
+def test_the_model_folder_records_the_range(second_look_model):
+    scale = load_model_spec(second_look_model).head_scale
+    assert set(scale) == {"low", "target", "high"}
+    assert 0 < scale["low"] <= scale["target"] <= scale["high"]
+
+
+def test_only_out_of_range_heads_change_and_they_match_a_direct_look(second_look_model, hc18_dir):
+    predictor = LandmarkPredictor.from_folder(second_look_model)
+    images = [read_grayscale(p) for p in sorted((hc18_dir / "training_set").glob("0[0-4]?_HC.png"))]
+    predictor.spec.head_scale = {}
+    first, _ = predictor.predict(images)
+    boxes = [letterbox(img, None, predictor.spec.input_hw)[2] for img in images]
+    # a range that half of these first looks fall below (a one-epoch model's heads are arbitrary)
+    ofd = np.linalg.norm(first[:, OFD[1]] - first[:, OFD[0]], axis=-1) * boxes[0].scale
+    predictor.spec.head_scale = {"low": float(np.median(ofd)), "high": 1e9,
+                                 "target": float(np.median(ofd) * 1.5)}
+    redo = predictor.needs_second_look(first, boxes)
+    assert 0 < redo.sum() < len(images)
+    with_look, _ = predictor.predict(images)
+    np.testing.assert_array_equal(with_look[~redo], first[~redo])
+    # a triggered image equals a plain look at the image rendered at the target scale
+    i = int(np.flatnonzero(redo)[0])
+    centre = 0.5 * (first[i, 2:].mean(axis=0) + first[i, :2].mean(axis=0))
+    length = np.linalg.norm(first[i, OFD[1]] - first[i, OFD[0]])
+    zoom = min(predictor.spec.head_scale["target"] / length, 4.0 * boxes[i].scale)
+    rendered, box = zoom_to(images[i], centre, zoom, predictor.spec.input_hw)
+    direct, _ = predictor._predict_boxed([(rendered, box)], batch_size=1)
+    np.testing.assert_allclose(with_look[i], direct[0], atol=1e-3)  # batch-size float noise
+    assert np.abs(with_look[i] - first[i]).max() > 1e-3
+
+
+def test_evaluate_on_val_reproduces_validation_with_second_looks(second_look_model, tmp_path):
+    spec = load_model_spec(second_look_model)
+    assert command(evaluate, "--model", second_look_model, "--data", spec.data["source"], "--out",
+                   tmp_path, "--split", "val", "--atlas", "0") == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("val_measure_l1_mm", "bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", "aurc"):
+        assert summary[key] == pytest.approx(spec.metrics[key], rel=1e-4, abs=1e-6), key
