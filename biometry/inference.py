@@ -124,6 +124,7 @@ def pair_radius(codec: HeatmapCodec) -> int:
 
 
 DECODES = ("global", "window")
+SECOND_LOOKS = 2  # looks after the first, at most, for a head outside the training range
 
 
 def decode_coords(heatmaps: torch.Tensor, codec: HeatmapCodec, *, beta: float,
@@ -205,17 +206,35 @@ class LandmarkPredictor:
         """Original uint8 images of any size -> (coords (N, 4, 2) original px, uncertainty (N,)).
 
         With ``spec.head_scale``, a head whose first-look OFD lies outside the range of the
-        training heads is looked at again, rendered so that its OFD is the training median and
-        centred: a small head in a wide field of view is then measured with more pixels and at a
-        scale the model was trained on.
+        training heads is looked at again, rendered centred so that its OFD is the training
+        median: a small head in a wide field of view is then measured with more pixels and at a
+        scale the model was trained on. A later look is kept only when it agrees with the scale
+        it was rendered for (its OFD within ``tolerance`` of the target); one that does not is
+        followed by another from its own estimate, up to ``SECOND_LOOKS``, and when none agrees
+        the first look stands.
         """
-        boxes = [letterbox(img, None, self.spec.input_hw) for img in images]
-        coords, uncertainty = self._predict_boxed(boxes, batch_size)
-        redo = self.needs_second_look(coords, [box for _, _, box in boxes])
-        if redo.any():
-            second = [self._second_look(images[i], coords[i], boxes[i][2]) for i in np.flatnonzero(redo)]
-            coords[redo], uncertainty[redo] = self._predict_boxed(second, batch_size)
+        first = [letterbox(img, None, self.spec.input_hw)[::2] for img in images]  # (input, box)
+        boxes = [box for _, box in first]
+        coords, uncertainty = self._predict_boxed(first, batch_size)
+        pending = np.flatnonzero(self.needs_second_look(coords, boxes))
+        estimate = coords.copy()
+        for _ in range(SECOND_LOOKS):
+            if len(pending) == 0:
+                break
+            looks = [self._second_look(images[i], estimate[i], boxes[i]) for i in pending]
+            found, found_unc = self._predict_boxed(looks, batch_size)
+            agrees = self._agrees_with_scale(found, [box for _, box in looks])
+            coords[pending[agrees]] = found[agrees]
+            uncertainty[pending[agrees]] = found_unc[agrees]
+            estimate[pending] = found
+            pending = pending[~agrees]
         return coords, uncertainty
+
+    def _agrees_with_scale(self, coords: np.ndarray, boxes: list) -> np.ndarray:
+        scale = self.spec.head_scale
+        ofd = np.linalg.norm(coords[:, OFD[1]] - coords[:, OFD[0]], axis=-1)
+        ratio = ofd * np.array([box.scale for box in boxes]) / scale["target"]
+        return np.abs(np.log(np.maximum(ratio, 1e-9))) <= np.log1p(scale.get("tolerance", 0.25))
 
     def _predict_boxed(self, boxed: list, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         coords, uncertainty = [], []

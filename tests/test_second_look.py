@@ -45,12 +45,12 @@ def test_head_scale_range_is_the_training_quantiles():
     landmarks[:, OFD[1], 0] = np.arange(101.0)  # OFD lengths 0..100 input px
     assert head_scale_range(landmarks, 0.0) == {}
     assert head_scale_range(landmarks, 0.1) == pytest.approx({"low": 10.0, "high": 90.0,
-                                                              "target": 50.0})
+                                                              "target": 50.0, "tolerance": 0.25})
 
 
 def test_the_model_folder_records_the_range(second_look_model):
     scale = load_model_spec(second_look_model).head_scale
-    assert set(scale) == {"low", "target", "high"}
+    assert set(scale) == {"low", "target", "high", "tolerance"}
     assert 0 < scale["low"] <= scale["target"] <= scale["high"]
 
 
@@ -63,12 +63,13 @@ def test_only_out_of_range_heads_change_and_they_match_a_direct_look(second_look
     # a range that half of these first looks fall below (a one-epoch model's heads are arbitrary)
     ofd = np.linalg.norm(first[:, OFD[1]] - first[:, OFD[0]], axis=-1) * boxes[0].scale
     predictor.spec.head_scale = {"low": float(np.median(ofd)), "high": 1e9,
-                                 "target": float(np.median(ofd) * 1.5)}
+                                 "target": float(np.median(ofd) * 1.5), "tolerance": 1e9}
     redo = predictor.needs_second_look(first, boxes)
     assert 0 < redo.sum() < len(images)
     with_look, _ = predictor.predict(images)
     np.testing.assert_array_equal(with_look[~redo], first[~redo])
-    # a triggered image equals a plain look at the image rendered at the target scale
+    # with every later look accepted (tolerance 1e9), a triggered image equals a plain look at
+    # the image rendered at the target scale
     i = int(np.flatnonzero(redo)[0])
     centre = 0.5 * (first[i, 2:].mean(axis=0) + first[i, :2].mean(axis=0))
     length = np.linalg.norm(first[i, OFD[1]] - first[i, OFD[0]])
@@ -86,3 +87,19 @@ def test_evaluate_on_val_reproduces_validation_with_second_looks(second_look_mod
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in ("val_measure_l1_mm", "bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", "aurc"):
         assert summary[key] == pytest.approx(spec.metrics[key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_look_that_disagrees_with_its_scale_leaves_the_first_look(second_look_model, hc18_dir):
+    """Tolerance 0: no later look can agree with the scale it was rendered for, so every head
+    keeps its first look, however many looks were tried."""
+    predictor = LandmarkPredictor.from_folder(second_look_model)
+    images = [read_grayscale(p) for p in sorted((hc18_dir / "training_set").glob("0[0-2]?_HC.png"))]
+    predictor.spec.head_scale = {}
+    first, first_unc = predictor.predict(images)
+    predictor.spec.head_scale = {"low": 1e9, "high": 2e9, "target": 100.0, "tolerance": 0.0}
+    redo = predictor.needs_second_look(
+        first, [letterbox(img, None, predictor.spec.input_hw)[2] for img in images])
+    assert redo.all()
+    coords, unc = predictor.predict(images)
+    np.testing.assert_array_equal(coords, first)
+    np.testing.assert_array_equal(unc, first_unc)
