@@ -92,7 +92,19 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
     except TypeError as err:
         raise BiometryInputError(f"{spec_path}: {err}") from None
     spec.input_hw = tuple(spec.input_hw)
+    _check_head_scale(spec_path, spec.head_scale)
     return spec
+
+
+def _check_head_scale(path: Path, scale) -> None:
+    if scale in (None, {}):
+        return
+    numbers = isinstance(scale, dict) and all(
+        isinstance(scale.get(k), (int, float)) and not isinstance(scale.get(k), bool)
+        and math.isfinite(scale[k]) and scale[k] > 0 for k in ("low", "high", "target"))
+    if not numbers or not scale["low"] <= scale["target"] <= scale["high"]:
+        raise BiometryInputError(f"{path}: 'head_scale' must be empty or hold positive numbers "
+                                 f"low <= target <= high (OFD in input pixels) but got {scale!r}")
 
 
 def load_model_folder(folder: str | Path, *, device: str | torch.device = "cpu"):

@@ -103,3 +103,21 @@ def test_a_look_that_disagrees_with_its_scale_leaves_the_first_look(second_look_
     coords, unc = predictor.predict(images)
     np.testing.assert_array_equal(coords, first)
     np.testing.assert_array_equal(unc, first_unc)
+
+
+@pytest.mark.parametrize("bad", [{"low": 10}, {"low": 50, "high": 40, "target": 45},
+                                 {"low": 1, "high": "x", "target": 2}, [1, 2, 3]])
+def test_a_bad_head_scale_in_model_yaml_is_named(second_look_model, tmp_path, bad):
+    import shutil
+
+    import yaml
+
+    from biometry.errors import BiometryInputError
+
+    folder = tmp_path / "model"
+    shutil.copytree(second_look_model, folder)
+    spec = yaml.safe_load((folder / "model.yaml").read_text())
+    spec["head_scale"] = bad
+    (folder / "model.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(BiometryInputError, match="model.yaml: 'head_scale' must be empty"):
+        load_model_spec(folder)
