@@ -100,7 +100,12 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._ot_trials and math.isfinite(float(result.get(self.metric, math.nan))):
-            super().on_trial_result(trial_id, result)
+            try:
+                super().on_trial_result(trial_id, result)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # a driver killed after the study file recorded this trial's end but before Ray
+                # saved the searcher resumes the trial: the study keeps the end it holds
+                self._completed_trials.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -109,12 +114,16 @@ class PruneAwareOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         finished = bool(result) and result.get("training_iteration", 0) >= self._max_epochs
         value = float((result or {}).get(self._best_metric, math.nan))
+        # skip_if_finished: see on_trial_result (a trial the study file already ended)
         if error or (finished and not math.isfinite(value)):
-            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
+            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL,
+                                skip_if_finished=True)
         elif finished:
-            self._ot_study.tell(ot_trial, value, state=optuna.trial.TrialState.COMPLETE)
+            self._ot_study.tell(ot_trial, value, state=optuna.trial.TrialState.COMPLETE,
+                                skip_if_finished=True)
         else:
-            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
+            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED,
+                                skip_if_finished=True)
         self._completed_trials.add(trial_id)
 
     def restore(self, checkpoint_path: str) -> None:

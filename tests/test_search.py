@@ -149,3 +149,31 @@ def test_the_presets_base_config_is_the_first_point_and_the_space_can_produce_it
     # a value outside the space is left to the sampler, not forced
     assert "train.lr" not in space.point_from_config({**flat, "train.lr": 1.0})
     assert space.point_from_config({**flat, "loss.angle_weight": 0.0})["loss.angle_weight@enabled"] is False
+
+
+def test_a_trial_the_study_file_already_ended_is_left_as_it_is_after_a_resume(tmp_path):
+    """A driver killed after the journal recorded a trial's end but before Ray saved the
+    searcher resumes that trial: its reports and its end must not crash the search (Optuna
+    refuses to update a finished trial) and the study keeps the end it recorded."""
+    from search.tune_api import make_searcher
+
+    def searcher():
+        return make_searcher(space=load_space(REPO / "configs/search/smoke.yaml"),
+                             metric="val_measure_l1_mm", best_metric="best_val_measure_l1_mm",
+                             max_epochs=3, storage_path=tmp_path / "optuna.journal",
+                             study_name="s", seed=0, n_startup_trials=1)
+
+    first = searcher()
+    assert first.suggest("t1")
+    first.save(str(tmp_path / "searcher.pkl"))  # Ray's last save before the kill
+    first.on_trial_result("t1", {"val_measure_l1_mm": 5.0, "training_iteration": 1})
+    first.on_trial_complete("t1", {"val_measure_l1_mm": 5.0, "training_iteration": 1})  # PRUNED
+
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed.on_trial_result("t1", {"val_measure_l1_mm": 4.0, "training_iteration": 2})
+    resumed.on_trial_complete("t1", {"val_measure_l1_mm": 3.0, "best_val_measure_l1_mm": 3.0,
+                                     "training_iteration": 3})
+    study = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED]
