@@ -25,12 +25,12 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine_info  # noqa: E402
 from biometry.evaluation import select_split  # noqa: E402
-from biometry.inference import LandmarkPredictor  # noqa: E402
+from biometry.geometry import diameter_lengths  # noqa: E402
+from biometry.inference import LandmarkPredictor, head_scale_range  # noqa: E402
 from biometry.io import import_dataset  # noqa: E402
 from biometry.io import read_grayscale  # noqa: E402
 from biometry.metrics import per_image_errors  # noqa: E402
 from biometry.transforms import letterbox  # noqa: E402
-from trainables.train import head_scale_range  # noqa: E402
 
 
 def zoom_out(image: np.ndarray, landmarks: np.ndarray, factor: float):
@@ -63,7 +63,8 @@ def main() -> int:
         train = select_split(all_records, predictor.spec, "train", data=args.data)
         boxed = [letterbox(read_grayscale(r.image), r.landmarks, predictor.spec.input_hw)[1]
                  for r in train]
-        predictor.spec.head_scale = head_scale_range(np.stack(boxed), args.second_look_quantile)
+        predictor.spec.head_scale = head_scale_range(diameter_lengths(np.stack(boxed))[1],
+                                                     args.second_look_quantile)
         print(f"second look: {predictor.spec.head_scale or 'off'}")
     images = [cv2.imread(str(r.image), cv2.IMREAD_GRAYSCALE) for r in records]
     spacing = np.array([r.pixel_mm for r in records])

@@ -23,8 +23,9 @@ from biometry.codec import (
 )
 from biometry.errors import BiometryInputError
 from biometry.models import create_model
+from biometry.geometry import diameter_lengths
 from biometry.records import BPD, OFD
-from biometry.transforms import Orientation, letterbox, zoom_to, zscore
+from biometry.transforms import Letterbox, Orientation, letterbox, zoom_to, zscore
 from biometry.uncertainty import image_uncertainty
 
 MODEL_FORMAT = "biometry-model/1"
@@ -137,6 +138,21 @@ def pair_radius(codec: HeatmapCodec) -> int:
 
 DECODES = ("global", "window")
 SECOND_LOOKS = 2  # looks after the first, at most, for a head outside the training range
+# a later look agrees with its rendering when its OFD is within 25% of the target (chosen on the
+# validation split, docs/experiments.md "Scale")
+SECOND_LOOK_TOLERANCE = 0.25
+
+
+def head_scale_range(ofd_lengths: np.ndarray, quantile: float) -> dict[str, float]:
+    """``ModelSpec.head_scale`` from the training heads' OFD lengths in input pixels: a head
+    below their ``quantile`` or above their ``1 - quantile`` quantile gets a second look at their
+    median (``{}``, no second look, when ``quantile`` is 0)."""
+    if quantile <= 0:
+        return {}
+    low, target, high = np.quantile(np.asarray(ofd_lengths, dtype=np.float64),
+                                    [quantile, 0.5, 1.0 - quantile])
+    return {"low": float(low), "high": float(high), "target": float(target),
+            "tolerance": SECOND_LOOK_TOLERANCE}
 
 
 def decode_coords(heatmaps: torch.Tensor, codec: HeatmapCodec, *, beta: float,
@@ -214,8 +230,12 @@ class LandmarkPredictor:
             coords = 0.5 * (coords + match_pairs(coords_f, coords))
         return coords, uncertainty
 
-    def predict(self, images: list[np.ndarray], *, batch_size: int = 16):
+    def predict(self, images: list[np.ndarray], *, batch_size: int = 16,
+                letterboxed: list[tuple[np.ndarray, Letterbox]] | None = None):
         """Original uint8 images of any size -> (coords (N, 4, 2) original px, uncertainty (N,)).
+
+        ``letterboxed``: the images already letterboxed to the input, with their ``Letterbox``
+        (validation keeps them from data preparation, so it does not redo them every epoch).
 
         With ``spec.head_scale``, a head whose first-look OFD lies outside the range of the
         training heads is looked at again, rendered centred so that its OFD is the training
@@ -225,7 +245,7 @@ class LandmarkPredictor:
         followed by another from its own estimate, up to ``SECOND_LOOKS``, and when none agrees
         the first look stands.
         """
-        first = [letterbox(img, None, self.spec.input_hw)[::2] for img in images]  # (input, box)
+        first = letterboxed or [letterbox(img, None, self.spec.input_hw)[::2] for img in images]
         boxes = [box for _, box in first]
         coords, uncertainty = self._predict_boxed(first, batch_size)
         pending = np.flatnonzero(self.needs_second_look(coords, boxes))
@@ -242,38 +262,43 @@ class LandmarkPredictor:
             pending = pending[~agrees]
         return coords, uncertainty
 
-    def _agrees_with_scale(self, coords: np.ndarray, boxes: list) -> np.ndarray:
-        scale = self.spec.head_scale
-        ofd = np.linalg.norm(coords[:, OFD[1]] - coords[:, OFD[0]], axis=-1)
-        ratio = ofd * np.array([box.scale for box in boxes]) / scale["target"]
-        return np.abs(np.log(np.maximum(ratio, 1e-9))) <= np.log1p(scale.get("tolerance", 0.25))
-
     def _predict_boxed(self, boxed: list, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """[(input image, Letterbox)] -> (coords (N, 4, 2) original px, uncertainty (N,))."""
         coords, uncertainty = [], []
         for start in range(0, len(boxed), batch_size):
             chunk = boxed[start:start + batch_size]
-            batch = torch.from_numpy(np.stack([zscore(b[0]) for b in chunk]))[:, None]
+            batch = torch.from_numpy(np.stack([zscore(image) for image, _ in chunk]))[:, None]
             pred, unc = self.predict_input(batch)
-            coords.extend(b[-1].to_original(pred[i]) for i, b in enumerate(chunk))
+            coords.extend(box.to_original(pred[i]) for i, (_, box) in enumerate(chunk))
             uncertainty.append(unc)
         return np.stack(coords), np.concatenate(uncertainty).astype(np.float64)
+
+    @staticmethod
+    def _input_ofd(coords: np.ndarray, boxes: list) -> np.ndarray:
+        """(N,) OFD lengths in the input pixels of each look."""
+        return diameter_lengths(coords)[1] * np.array([box.scale for box in boxes])
 
     def needs_second_look(self, coords: np.ndarray, boxes: list) -> np.ndarray:
         """(N,) bool: the first look's OFD, in input pixels, lies outside ``spec.head_scale``."""
         scale = self.spec.head_scale
         if not scale or len(coords) == 0:
             return np.zeros(len(coords), dtype=bool)
-        ofd = np.linalg.norm(coords[:, OFD[1]] - coords[:, OFD[0]], axis=-1)
-        ofd_input = ofd * np.array([box.scale for box in boxes])
-        return (ofd_input < scale["low"]) | (ofd_input > scale["high"])
+        ofd = self._input_ofd(coords, boxes)
+        return (ofd < scale["low"]) | (ofd > scale["high"])
 
-    def _second_look(self, image: np.ndarray, coords: np.ndarray, box):
-        ofd = max(float(np.linalg.norm(coords[OFD[1]] - coords[OFD[0]])), 1e-6)
+    def _agrees_with_scale(self, coords: np.ndarray, boxes: list) -> np.ndarray:
+        scale = self.spec.head_scale
+        ratio = self._input_ofd(coords, boxes) / scale["target"]
+        tolerance = scale.get("tolerance", SECOND_LOOK_TOLERANCE)
+        return np.abs(np.log(np.maximum(ratio, 1e-9))) <= np.log1p(tolerance)
+
+    def _second_look(self, image: np.ndarray, coords: np.ndarray, first_box: Letterbox):
+        """(image rendered centred on the estimate at the target scale, its Letterbox)."""
+        ofd = max(float(diameter_lengths(coords)[1]), 1e-6)
         centre = 0.5 * (coords[list(OFD)].mean(axis=0) + coords[list(BPD)].mean(axis=0))
         # never more than 4x the first look's scale: a collapsed first look must not blow up
-        scale = min(self.spec.head_scale["target"] / ofd, 4.0 * box.scale)
-        rendered, new_box = zoom_to(image, centre, scale, self.spec.input_hw)
-        return rendered, new_box
+        scale = min(self.spec.head_scale["target"] / ofd, 4.0 * first_box.scale)
+        return zoom_to(image, centre, scale, self.spec.input_hw)
 
     def flagged(self, uncertainty: np.ndarray) -> np.ndarray:
         threshold = self.spec.uncertainty_threshold

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from biometry.commands import evaluate
-from biometry.inference import LandmarkPredictor, load_model_spec
+from biometry.inference import LandmarkPredictor, head_scale_range, load_model_spec
 from biometry.io import read_grayscale
 from biometry.records import OFD
 from biometry.transforms import letterbox, zoom_to
@@ -39,12 +39,9 @@ def second_look_model(tmp_path_factory) -> Path:
 
 
 def test_head_scale_range_is_the_training_quantiles():
-    from trainables.train import head_scale_range
-
-    landmarks = np.zeros((101, 4, 2))
-    landmarks[:, OFD[1], 0] = np.arange(101.0)  # OFD lengths 0..100 input px
-    assert head_scale_range(landmarks, 0.0) == {}
-    assert head_scale_range(landmarks, 0.1) == pytest.approx({"low": 10.0, "high": 90.0,
+    lengths = np.arange(101.0)  # OFD lengths 0..100 input px
+    assert head_scale_range(lengths, 0.0) == {}
+    assert head_scale_range(lengths, 0.1) == pytest.approx({"low": 10.0, "high": 90.0,
                                                               "target": 50.0, "tolerance": 0.25})
 
 

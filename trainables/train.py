@@ -26,11 +26,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from biometry.errors import BiometryInputError
-from biometry.inference import LandmarkPredictor, ModelSpec, decode_coords, save_model_folder
+from biometry.geometry import diameter_lengths
+from biometry.inference import (
+    LandmarkPredictor,
+    ModelSpec,
+    decode_coords,
+    head_scale_range,
+    save_model_folder,
+)
 from biometry.losses import biometry_loss
 from biometry.metrics import summarize
 from biometry.models import create_model
-from biometry.records import OFD
+from biometry.transforms import Letterbox
 from trainables.config import TrialConfig, load_config
 from trainables.data import HeatmapDataset, PreparedImages, PreparedSplits, prepare_splits
 
@@ -127,24 +134,15 @@ def evaluate_split(predictor: LandmarkPredictor, images: PreparedImages, *,
     them (``sources`` None) the letterboxed images stand in for the originals.
     """
     if images.sources is not None:
-        pred_original, uncertainty = predictor.predict(images.sources, batch_size=batch_size)
+        first_looks = [(image, Letterbox(*map(float, box)))
+                       for image, box in zip(images.images, images.letterbox)]
+        pred_original, uncertainty = predictor.predict(images.sources, batch_size=batch_size,
+                                                       letterboxed=first_looks)
     else:
         coords, uncertainty = predictor.predict(list(images.images), batch_size=batch_size)
         pred_original = images.to_original(coords)
     summary = summarize(pred_original, images.original, images.pixel_mm, uncertainty=uncertainty)
     return summary.as_dict(), uncertainty
-
-
-def head_scale_range(landmarks: np.ndarray, quantile: float) -> dict[str, float]:
-    """The training heads' OFD in input pixels: below the ``quantile`` or above the
-    ``1 - quantile`` quantile a head gets a second look at the median (``{}`` when 0)."""
-    if quantile <= 0:
-        return {}
-    ofd = np.linalg.norm(landmarks[:, OFD[1]] - landmarks[:, OFD[0]], axis=-1)
-    low, target, high = np.quantile(ofd, [quantile, 0.5, 1.0 - quantile])
-    # a later look agrees with its rendering when its OFD is within 25% of the target (chosen
-    # on the validation split, docs/experiments.md)
-    return {"low": float(low), "high": float(high), "target": float(target), "tolerance": 0.25}
 
 
 def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: str | Path,
@@ -168,7 +166,8 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
                      softargmax_beta=cfg.train.softargmax_beta,
                      orientation=data.orientation.to_dict(), flip_tta=cfg.train.flip_tta,
                      pairing=cfg.train.pairing, decode=cfg.train.decode,
-                     head_scale=head_scale_range(data.train.landmarks, cfg.train.second_look_quantile),
+                     head_scale=head_scale_range(diameter_lengths(data.train.landmarks)[1],
+                                                 cfg.train.second_look_quantile),
                      coverage_target=cfg.train.coverage_target,
                      data={"source": data.source, "split_seed": cfg.data.split_seed,
                            "val_fraction": cfg.data.val_fraction,
