@@ -88,6 +88,9 @@ class TrainConfig:
     # a head whose first-look OFD is outside the training heads' [q, 1 - q] quantiles is measured
     # again rendered at the median training scale (biometry.inference.LandmarkPredictor.predict)
     second_look_quantile: float = 0.0
+    # draw training images so that head sizes (HC in mm) are more even: count(bin) ** -power,
+    # 0 = the split's own mix, 1 = every HC bin equally (trainables.data.head_size_weights)
+    balance_head_size: float = 0.0
     num_workers: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -115,6 +118,8 @@ class TrainConfig:
                self.decode)
         _check(0 <= self.second_look_quantile < 0.5, "train.second_look_quantile",
                "must be in [0, 0.5)", self.second_look_quantile)
+        _check(0 <= self.balance_head_size <= 1, "train.balance_head_size", "must be in [0, 1]",
+               self.balance_head_size)
         _check(self.num_workers >= 0, "train.num_workers", "cannot be negative", self.num_workers)
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda",
                self.device)

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from biometry.codec import HeatmapCodec
 from biometry.io import bundled_sample_path, load_records, read_grayscale, split_by_subject
+from biometry.metrics import measurements_mm
 from biometry.records import LandmarkRecord
 from biometry.transforms import AugmentConfig, Orientation, build_augmentation, letterbox, zscore
 
@@ -112,6 +113,25 @@ def prepare_splits(data_cfg, *, exclude: set[str] | None = None) -> PreparedSpli
         source=str(data_cfg.path or bundled_sample_path()),
         split_names={name: [r.name for r in recs] for name, recs in splits.items()},
     )
+
+
+def head_size_weights(images: PreparedImages, *, power: float, bins: int = 6) -> np.ndarray:
+    """Sampling weight per image that evens out head sizes (HC in mm, i.e. gestational age).
+
+    log HC is cut into ``bins`` equal-width bins over the split's range (head size grows by
+    factors, so an early-gestation head of 60 mm and one of 80 mm are as different as 180 and
+    240 mm) and each image weighs ``count(bin) ** -power``: 0 keeps the split's own mix, 1 draws
+    every bin equally often. Early-gestation heads are the ones the model fits worst, on the
+    training images too (docs/experiments.md, "head-size balance"). Mean weight 1.
+    """
+    if not 0 <= power <= 1:
+        raise ValueError(f"power must be in [0, 1], got {power}")
+    log_hc = np.log(measurements_mm(images.original, images.pixel_mm)["hc"])
+    edges = np.histogram_bin_edges(log_hc, bins=bins)
+    which = np.clip(np.digitize(log_hc, edges[1:-1]), 0, bins - 1)
+    counts = np.bincount(which, minlength=bins).astype(np.float64)
+    weights = counts[which] ** -power
+    return weights / weights.mean()
 
 
 class HeatmapDataset(Dataset):

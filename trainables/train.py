@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from biometry.errors import BiometryInputError
 from biometry.geometry import diameter_lengths
@@ -39,7 +39,9 @@ from biometry.metrics import summarize
 from biometry.models import create_model
 from biometry.transforms import Letterbox
 from trainables.config import TrialConfig, load_config
-from trainables.data import HeatmapDataset, PreparedImages, PreparedSplits, prepare_splits
+from trainables.data import (
+    HeatmapDataset, PreparedImages, PreparedSplits, head_size_weights, prepare_splits,
+)
 
 OBJECTIVE = "val_measure_l1_mm"
 TRAINER_STATE = "trainer.pt"
@@ -119,10 +121,20 @@ def seed_everything(seed: int) -> None:
 
 
 def make_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                pin_memory: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-                      num_workers=num_workers, persistent_workers=num_workers > 0,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
+                pin_memory: bool, weights: np.ndarray | None = None) -> DataLoader:
+    """``weights``: draw training samples with replacement in proportion to them (one epoch is
+    still ``len(dataset)`` samples). The sampler shares the loader's generator, so reseeding
+    ``loader.generator`` fixes both the draw and the workers' augmentation seeds."""
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if weights is not None:
+        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double),
+                                        num_samples=len(dataset), replacement=True,
+                                        generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, drop_last=shuffle, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=pin_memory,
+                      generator=generator)
 
 
 def evaluate_split(predictor: LandmarkPredictor, images: PreparedImages, *,
@@ -177,9 +189,11 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
     codec = spec.codec()
     train_set = HeatmapDataset(data.train, codec=codec, orientation=data.orientation,
                                augment=cfg.augment)
+    weights = (head_size_weights(data.train, power=cfg.train.balance_head_size)
+               if cfg.train.balance_head_size else None)
     loader = make_loader(train_set, batch_size=min(cfg.train.batch_size, len(train_set)),
                          shuffle=True, num_workers=cfg.train.num_workers, seed=cfg.train.seed,
-                         pin_memory=on_cuda)
+                         pin_memory=on_cuda, weights=weights)
 
     # model, optimizer, schedule
     model = create_model(cfg.model.name, **cfg.model.kwargs()).to(device)
