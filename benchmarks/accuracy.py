@@ -2,9 +2,11 @@
 
     python benchmarks/accuracy.py --data ../shared/data/hc18 --preset cpu --time-budget-min 60
 
-Runs ``search/run.py`` (the test split never reaches it), then ``python -m biometry evaluate
---split test`` on the best model, and writes ``benchmarks/results/accuracy_<preset>.json`` with the
-figures, the targets of issue 11, the commands and the machine.
+Runs ``search/run.py`` (the test split never reaches it; with the preset's ``final_epochs`` it
+ends with a final retrain of the best config), then ``python -m biometry evaluate --split test`` on
+the best model, and writes ``benchmarks/results/accuracy_<preset>.json`` with the figures, the
+targets of issue 11, the commands and the machine. ``--resume`` continues the search of ``--name``
+(for a finished search: only its missing final retrain) before evaluating.
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ def main() -> int:
     p.add_argument("--num-samples", type=int, default=200)
     p.add_argument("--name", default=time.strftime("accuracy-%Y%m%d-%H%M%S"))
     p.add_argument("--out", default=str(REPO / "runs"))
-    p.add_argument("--resume", action="store_true", help="only evaluate an existing run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search --name (a finished one: only what follows it, the "
+                        "final retrain), then evaluate")
     p.add_argument("--flip-tta", action="store_true")
     args = p.parse_args()
 
@@ -40,8 +44,9 @@ def main() -> int:
                   str(args.num_samples), "--out", args.out, "--name", args.name]
     started = time.time()
     load_start = os.getloadavg()
-    if not args.resume:
-        subprocess.run(search_cmd, cwd=REPO, check=True)
+    resume_cmd = [sys.executable, "search/run.py", "--resume", "--out", args.out, "--name",
+                  args.name]
+    subprocess.run(resume_cmd if args.resume else search_cmd, cwd=REPO, check=True)
     search_seconds = time.time() - started
 
     eval_dir = run_dir / "test-eval"
@@ -60,6 +65,7 @@ def main() -> int:
     targets = TARGETS.get(args.preset, TARGETS["cpu"])
     result = {
         "commands": [" ".join(search_cmd), " ".join(eval_cmd)],
+        "resumed_with": " ".join(resume_cmd) if args.resume else None,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg()},
@@ -67,6 +73,7 @@ def main() -> int:
         "search_minutes": round(search_seconds / 60, 1),
         "num_trials": search.get("num_trials"), "trial_states": search.get("trial_states"),
         "best_params": search.get("params"), "best_val": search.get("metrics"),
+        "best_source": search.get("best_source", "search"), "final_retrain": search.get("final"),
         "test": {k: test.get(k) for k in keys}, "test_images": test.get("n_images"),
         "targets": targets,
         "targets_met": {k: bool(test.get(k) is not None and test[k] <= v)
@@ -77,6 +84,8 @@ def main() -> int:
     if args.resume and out.is_file():  # keep the search's own time and machine figures
         earlier = json.loads(out.read_text())
         if earlier.get("commands", [""])[0] == result["commands"][0]:
+            result["resume_minutes"] = result["search_minutes"]
+            result["resume_machine"] = result["machine"]
             for key in ("search_minutes", "machine"):
                 result[key] = earlier.get(key, result[key])
     out.write_text(json.dumps(result, indent=2, default=str))
@@ -123,7 +132,7 @@ def evaluate_base_trial(run_dir: Path, search: dict, args) -> dict | None:
     checkpoint = best_checkpoint_folder(trial_dir, search.get("objective", "val_measure_l1_mm"))
     if checkpoint is None:
         return {"trial_id": trial_id, "note": "no finished checkpoint"}
-    if trial_id == search.get("best_trial_id"):
+    if trial_id == search.get("best_trial_id") and search.get("best_source", "search") == "search":
         return {"trial_id": trial_id, "is_best": True, "checkpoint": str(checkpoint),
                 "note": "the preset's own config was the search's best; see test"}
     out = run_dir / "test-eval-base"
@@ -150,9 +159,11 @@ def mlflow_ids(search: dict) -> dict:
         parent = [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags]
         best = [r.info.run_id for r in runs
                 if r.data.tags.get("ray_trial_id") == search.get("best_trial_id")]
+        final = [r.info.run_id for r in runs if r.data.tags.get("role") == "final"]
         return {"tracking_uri": search["tracking_uri"], "experiment": search["search"],
                 "parent_run_id": parent[0] if parent else None,
-                "best_trial_run_id": best[0] if best else None}
+                "best_trial_run_id": best[0] if best else None,
+                "final_retrain_run_id": final[0] if final else None}
     except Exception as err:  # the figures matter more than the ids
         return {"error": f"{type(err).__name__}: {err}"}
 

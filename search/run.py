@@ -55,6 +55,9 @@ class SearchSettings:
     n_startup_trials: int = 10
     max_failures: int = 0
     start_from_base: bool = True  # the first trial is the preset's own config (Optuna enqueue)
+    # > 0: after the search, train the best config again for this many epochs, with every CPU
+    # or GPU slot the search used, and keep it if it validates better (docs/experiments.md)
+    final_epochs: int = 0
     synthetic_images: int = 0  # > 0: train on this many synthetic images (smoke tests)
 
     def validate(self, source: str) -> None:
@@ -67,6 +70,7 @@ class SearchSettings:
             (self.time_budget_min >= 0, "time_budget_min", "cannot be negative",
              self.time_budget_min),
             (self.max_failures >= 0, "max_failures", "cannot be negative", self.max_failures),
+            (self.final_epochs >= 0, "final_epochs", "cannot be negative", self.final_epochs),
         ]
         for ok, key, requirement, value in checks:
             if not ok:
@@ -133,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, help="restarts of a failing trial from its last "
                                                     "checkpoint (default: the preset's)")
     p.add_argument("--seed", type=int, help="sampler seed (default: the preset's)")
+    p.add_argument("--final-epochs", type=int, help="retrain the best config for N epochs after "
+                                                    "the search (0 = no; default: the preset's)")
     p.add_argument("--exclude-outliers", type=float, help="drop this top fraction of training "
                                                           "labels by EDA outlier score")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -172,7 +178,7 @@ def apply_flags(preset: Preset, args: argparse.Namespace) -> Preset:
     overrides = {"num_samples": args.num_samples, "cpus_per_trial": args.cpus_per_trial,
                  "gpus_per_trial": args.gpus_per_trial, "time_budget_min": args.time_budget_min,
                  "seed": args.seed, "space": args.space, "max_failures": args.max_failures,
-                 "max_concurrent_trials": args.max_concurrent}
+                 "max_concurrent_trials": args.max_concurrent, "final_epochs": args.final_epochs}
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
     s.validate("command line")
     trial = json.loads(json.dumps(preset.trial))
@@ -261,7 +267,6 @@ def run_search(args: argparse.Namespace) -> int:
     from search.space import load_space
     from search.tracking import MlflowSearchLogger, check_tracking_uri, local_tracking_uri
     from trainables.config import config_from_dict
-    from trainables.tune_trial import tune_trainable
 
     tracking_uri = args.mlflow_uri or (saved or {}).get("tracking_uri")
     if tracking_uri:
@@ -323,6 +328,55 @@ def run_search(args: argparse.Namespace) -> int:
         search_params={"preset": preset.name, "num_samples": settings.num_samples,
                        "data": data.source, "exclude_outliers": base_cfg.data.exclude_outliers,
                        **{f"base.{k}": v for k, v in base_cfg.flat().items()}})
+    summary = finished_summary(run_dir) if args.resume else None
+    if summary is None:
+        summary = search(args, settings=settings, preset=preset, base_cfg=base_cfg, space=space,
+                         data=data, storage=storage, name=name, run_dir=run_dir,
+                         tracking_uri=tracking_uri, callback=callback)
+    if settings.final_epochs and summary.get("top") and not final_done(summary, settings):
+        final_retrain(summary, settings=settings, run_dir=run_dir, name=name, storage=storage,
+                      data=data, base_trial=preset.trial, tracking_uri=tracking_uri,
+                      artifact_location=None if args.mlflow_uri
+                      else (run_dir / "mlartifacts").as_uri())
+    callback.finish_search([], summary=summary)
+    summary["mlflow_gaps"] = callback.gaps
+    write_json(run_dir / "summary.json", summary)
+    print_top(summary)
+    if callback.gaps:
+        print(f"warning: MLflow missed {len(callback.gaps)} updates (first: {callback.gaps[0]}); "
+              f"the run folder is complete", file=sys.stderr)
+    if not summary.get("top"):
+        print(f"error: no trial reported a result; see the trial logs under {storage}/{name}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a search that ran to its end (its budget or sample count), else None.
+
+    ``summary.json`` is written only then, so ``--resume`` of such a search does not start new
+    trials (Ray would restart the time budget); it only completes what is missing after it,
+    the final retrain.
+    """
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    print(f"search: {run_dir.name} finished earlier ({path}); resuming what follows it")
+    return json.loads(path.read_text())
+
+
+def final_done(summary: dict[str, Any], settings: SearchSettings) -> bool:
+    final = summary.get("final") or {}
+    return final.get("epochs") == settings.final_epochs and "error" not in final
+
+
+def search(args, *, settings: SearchSettings, preset: Preset, base_cfg, space, data, storage: str,
+           name: str, run_dir: Path, tracking_uri: str, callback) -> dict[str, Any]:
+    """Run (or resume) the Ray Tune search and summarise it; ``best/`` is its best checkpoint."""
+    from search import tune_api
+    from trainables.tune_trial import tune_trainable
+
     experiment_path = f"{storage.rstrip('/')}/{name}"
     max_epochs = base_cfg.train.epochs
     if args.resume and tune_api.can_restore(experiment_path):
@@ -348,19 +402,7 @@ def run_search(args: argparse.Namespace) -> int:
             time_budget_s=settings.time_budget_min * 60 or None, storage_path=storage, name=name,
             callbacks=[callback], metric=OBJECTIVE, max_failures=settings.max_failures)
     results = tuner.fit()
-    summary = summarize_search(results, run_dir=run_dir, name=name, tracking_uri=tracking_uri)
-    callback.finish_search([], summary=summary)
-    summary["mlflow_gaps"] = callback.gaps
-    write_json(run_dir / "summary.json", summary)
-    print_top(summary)
-    if callback.gaps:
-        print(f"warning: MLflow missed {len(callback.gaps)} updates (first: {callback.gaps[0]}); "
-              f"the run folder is complete", file=sys.stderr)
-    if not summary.get("top"):
-        print(f"error: no trial reported a result; see the trial logs under {storage}/{name}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return summarize_search(results, run_dir=run_dir, name=name, tracking_uri=tracking_uri)
 
 
 def summarize_search(results, *, run_dir: Path, name: str, tracking_uri: str) -> dict[str, Any]:
@@ -402,8 +444,73 @@ def summarize_search(results, *, run_dir: Path, name: str, tracking_uri: str) ->
         with checkpoint.as_directory() as folder:
             export_model_folder(Path(folder), run_dir / "best")
         summary.update(best_trial_id=rows[0]["trial_id"], params=rows[0]["params"],
-                       metrics=rows[0]["metrics"], best_model=str(run_dir / "best"))
+                       metrics=rows[0]["metrics"], best_model=str(run_dir / "best"),
+                       best_source="search")
     return summary
+
+
+def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir: Path, name: str,
+                  storage: str, data, base_trial: dict, tracking_uri: str,
+                  artifact_location: str | None) -> None:
+    """Train the search's best config again for ``settings.final_epochs`` epochs, alone.
+
+    The search ranks configs by a short training (a trial's epochs, ASHA stopping most of them
+    earlier); the winner is then trained for longer, on all the slots the search ran trials on
+    (one trial with ``max_concurrent_trials`` times a trial's CPUs or GPUs). It is a Ray Tune run
+    of its own (``NAME-final`` beside the search, resumable with ``--resume``), logged in MLflow
+    under the search's parent run with ``role=final``. Its best epoch replaces ``best/`` only if
+    it validates better than the search's best; ``summary["final"]`` records both either way.
+    """
+    from search import tune_api
+    from search.results import export_model_folder
+    from search.tracking import MlflowSearchLogger
+    from trainables.tune_trial import tune_trainable
+
+    slots = settings.max_concurrent_trials
+    cpus, gpus = settings.cpus_per_trial * slots, settings.gpus_per_trial * slots
+    params = {**summary["params"], "train.epochs": settings.final_epochs}
+    if not gpus and base_trial.get("train", {}).get("threads"):
+        params["train.threads"] = max(1, int(cpus))  # the trial's own threads are one slot's
+    final_name = f"{name}-final"
+    path = f"{storage.rstrip('/')}/{final_name}"
+    print(f"\nfinal retrain: the best config for {settings.final_epochs} epochs on {cpus:g} CPU / "
+          f"{gpus:g} GPU ({path})")
+    if tune_api.can_restore(path):
+        tuner = tune_api.restore_tuner(path, tune_trainable, data=data, base_config=base_trial,
+                                       cpus_per_trial=cpus, gpus_per_trial=gpus)
+    else:
+        callback = MlflowSearchLogger(tracking_uri=tracking_uri, experiment_name=name,
+                                      search_name=name, objective=OBJECTIVE,
+                                      artifact_location=artifact_location, trial_role="final")
+        tuner = tune_api.make_tuner(
+            tune_trainable, data=data, base_config=base_trial, searcher=None, scheduler=None,
+            num_samples=1, max_concurrent=1, cpus_per_trial=cpus, gpus_per_trial=gpus,
+            time_budget_s=None, storage_path=storage, name=final_name, callbacks=[callback],
+            metric=OBJECTIVE, max_failures=settings.max_failures, param_space=params)
+    result = tuner.fit()[0]
+    history = result.metrics_dataframe
+    if result.error or history is None or OBJECTIVE not in history.columns:
+        print(f"warning: the final retrain gave no result ({result.error}); best/ stays the "
+              f"search's", file=sys.stderr)
+        summary["final"] = {"epochs": settings.final_epochs, "error": str(result.error)}
+        return
+    best_row = history.loc[history[OBJECTIVE].idxmin()]
+    metrics = {k: float(best_row[k]) for k in best_row.index
+               if k.endswith("_mm") or k in ("nme", "unc_spearman", "aurc")}
+    kept = metrics[OBJECTIVE] < summary["metrics"][OBJECTIVE]
+    summary["final"] = {"epochs": settings.final_epochs, "best_epoch":
+                        int(best_row["training_iteration"]), "metrics": metrics, "kept": kept,
+                        "search_best_metrics": summary["metrics"], "path": path}
+    if kept:
+        checkpoint = min(result.best_checkpoints,
+                         key=lambda cm: cm[1].get(OBJECTIVE, math.inf))[0]
+        with checkpoint.as_directory() as folder:
+            export_model_folder(Path(folder), run_dir / "best")
+        summary.update(metrics=metrics, best_source="final retrain")
+    searched = summary["final"]["search_best_metrics"][OBJECTIVE]
+    print(f"final retrain: {OBJECTIVE} {metrics[OBJECTIVE]:.3f} mm at epoch "
+          f"{summary['final']['best_epoch']} (search's best {searched:.3f} mm); best/ is "
+          f"{'the retrained model' if kept else 'still the search best'}")
 
 
 def print_watch_info(info: dict, run_dir: Path, tracking_uri: str, resources: dict,

@@ -48,13 +48,14 @@ class MlflowSearchLogger(Callback):
 
     def __init__(self, *, tracking_uri: str, experiment_name: str, search_name: str,
                  objective: str, search_params: dict[str, Any] | None = None,
-                 artifact_location: str | None = None):
+                 artifact_location: str | None = None, trial_role: str = "trial"):
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.search_name = search_name
         self.objective = objective
         self.search_params = search_params or {}
         self.artifact_location = artifact_location
+        self.trial_role = trial_role  # "final": the retrain of the best config, kept apart
         self.parent_run_id: str | None = None
         self.run_ids: dict[str, str] = {}
         self.best: dict[str, float] = {}
@@ -134,7 +135,7 @@ class MlflowSearchLogger(Callback):
                                     f"tags.search_name = '{self.search_name}'")
             if run_id is None:
                 tags = {"ray_trial_id": trial_id, "search_name": self.search_name,
-                        "role": "trial"}
+                        "role": self.trial_role}
                 if parent:
                     tags["mlflow.parentRunId"] = parent
                 run_id = self.client.create_run(self._ensure_experiment(),

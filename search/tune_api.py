@@ -164,10 +164,13 @@ def make_scheduler(*, metric: str, max_t: int, grace_period: int,
 def make_tuner(trainable: Callable, *, data: Any, base_config: dict, searcher, scheduler,
                num_samples: int, max_concurrent: int, cpus_per_trial: float,
                gpus_per_trial: float, time_budget_s: float | None, storage_path: str, name: str,
-               callbacks: list, metric: str, max_failures: int, verbose: int = 1) -> Tuner:
+               callbacks: list, metric: str, max_failures: int, verbose: int = 1,
+               param_space: dict | None = None) -> Tuner:
+    """``param_space``: fixed dotted keys for a searcher-less run (the final retrain)."""
     return Tuner(
         _with_resources(trainable, data=data, base_config=base_config, cpus=cpus_per_trial,
                         gpus=gpus_per_trial),
+        param_space=param_space,
         tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                max_concurrent_trials=max_concurrent, time_budget_s=time_budget_s,
                                reuse_actors=False, trial_name_creator=_trial_name,

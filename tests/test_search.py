@@ -102,6 +102,43 @@ def test_search_with_asha_mlflow_and_optuna(tmp_path, ray_session):
     assert min(t.value for t in complete) == pytest.approx(best_mlflow)
 
 
+def test_final_retrain_trains_the_best_config_longer_and_keeps_the_better(tmp_path, ray_session):
+    """A finished search resumed with --final-epochs gets its final retrain and no new trials;
+    resuming again retrains nothing."""
+    preset = write_preset(tmp_path / "p.yaml", num_samples=2, epochs=1, concurrent=2)
+    argv = ["--preset", str(preset), "--out", str(tmp_path / "runs"), "--name", "fin"]
+    assert search_run.main(argv) == 0
+    run_dir = tmp_path / "runs" / "fin"
+    assert "final" not in json.loads((run_dir / "summary.json").read_text())
+    assert search_run.main([*argv, "--resume", "--final-epochs", "3"]) == 0
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = summary["final"]
+    assert summary["num_trials"] == 2
+    assert final["epochs"] == 3 and 1 <= final["best_epoch"] <= 3
+    objective = "val_measure_l1_mm"
+    assert final["kept"] == (final["metrics"][objective] < final["search_best_metrics"][objective])
+    assert summary["best_source"] == ("final retrain" if final["kept"] else "search")
+    assert summary["metrics"][objective] == min(final["metrics"][objective],
+                                                final["search_best_metrics"][objective])
+    saved = yaml.safe_load((run_dir / "best" / "model.yaml").read_text())
+    assert saved["trial_config"]["train"]["epochs"] == (3 if final["kept"] else 1)
+    assert saved["trial_config"]["train"]["threads"] == (2 if final["kept"] else 1)  # both slots
+
+    client, runs = mlflow_runs(run_dir, "fin")
+    parent = next(r for r in runs if r.data.tags.get("role") == "search")
+    finals = [r for r in runs if r.data.tags.get("role") == "final"]
+    assert len(finals) == 1 and finals[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert len(client.get_metric_history(finals[0].info.run_id, objective)) == 3
+    assert finals[0].data.params["train.epochs"] == "3"
+    assert sum(r.data.tags.get("role") == "trial" for r in runs) == 2
+
+    assert search_run.main([*argv, "--resume", "--final-epochs", "3"]) == 0
+    _, runs = mlflow_runs(run_dir, "fin")
+    assert sum(r.data.tags.get("role") == "final" for r in runs) == 1
+    assert json.loads((run_dir / "summary.json").read_text())["final"] == final
+
+
 def test_smoke_preset_command(tmp_path):
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "search/run.py", "--preset", "smoke", "--out",
