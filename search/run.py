@@ -333,6 +333,7 @@ def run_search(args: argparse.Namespace) -> int:
         summary = search(args, settings=settings, preset=preset, base_cfg=base_cfg, space=space,
                          data=data, storage=storage, name=name, run_dir=run_dir,
                          tracking_uri=tracking_uri, callback=callback)
+        write_json(run_dir / "summary.json", summary)  # the search is done: --resume won't refit it
     if settings.final_epochs and summary.get("top") and not final_done(summary, settings):
         final_retrain(summary, settings=settings, run_dir=run_dir, name=name, storage=storage,
                       data=data, base_trial=preset.trial, tracking_uri=tracking_uri,
@@ -355,9 +356,8 @@ def run_search(args: argparse.Namespace) -> int:
 def finished_summary(run_dir: Path) -> dict[str, Any] | None:
     """The summary of a search that ran to its end (its budget or sample count), else None.
 
-    ``summary.json`` is written only then, so ``--resume`` of such a search does not start new
-    trials (Ray would restart the time budget); it only completes what is missing after it,
-    the final retrain.
+    ``summary.json`` is written only then, so ``--resume`` of such a search does not refit it (it
+    cannot grow new trials); it only completes what is missing after it, the final retrain.
     """
     path = run_dir / "summary.json"
     if not path.is_file():
