@@ -455,8 +455,8 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
     """Train the search's best config again for ``settings.final_epochs`` epochs, alone.
 
     The search ranks configs by a short training (a trial's epochs, ASHA stopping most of them
-    earlier); the winner is then trained for longer, on all the slots the search ran trials on
-    (one trial with ``max_concurrent_trials`` times a trial's CPUs or GPUs). It is a Ray Tune run
+    earlier); the winner is then trained for longer, on the slots the search ran trials on
+    (``max_concurrent_trials`` times a trial's CPUs, as far as one node has them; one GPU). It is a Ray Tune run
     of its own (``NAME-final`` beside the search, resumable with ``--resume``), logged in MLflow
     under the search's parent run with ``role=final``. Its best epoch replaces ``best/`` only if
     it validates better than the search's best; ``summary["final"]`` records both either way.
@@ -466,8 +466,9 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
     from search.tracking import MlflowSearchLogger
     from trainables.tune_trial import tune_trainable
 
-    slots = settings.max_concurrent_trials
-    cpus, gpus = settings.cpus_per_trial * slots, settings.gpus_per_trial * slots
+    cpus, gpus = tune_api.final_trial_resources(cpus_per_trial=settings.cpus_per_trial,
+                                                gpus_per_trial=settings.gpus_per_trial,
+                                                slots=settings.max_concurrent_trials)
     params = {**summary["params"], "train.epochs": settings.final_epochs}
     if not gpus and base_trial.get("train", {}).get("threads"):
         params["train.threads"] = max(1, int(cpus))  # the trial's own threads are one slot's

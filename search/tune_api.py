@@ -77,6 +77,17 @@ def check_resources(*, cpus_per_trial: float, gpus_per_trial: float) -> dict[str
     return have
 
 
+def final_trial_resources(*, cpus_per_trial: float, gpus_per_trial: float,
+                          slots: int) -> tuple[float, float]:
+    """(CPUs, GPUs) for the final retrain: the ``slots`` the search ran trials on, as far as one
+    node holds them, and at most one GPU (a trial trains on one device)."""
+    largest_gpu_node, largest_cpu_node = _largest_node()
+    cpus = max(cpus_per_trial, min(cpus_per_trial * slots, largest_cpu_node))
+    if gpus_per_trial <= 0:
+        return cpus, 0.0
+    return cpus, max(gpus_per_trial, min(gpus_per_trial * slots, 1.0, largest_gpu_node))
+
+
 def _largest_node() -> tuple[float, float]:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     gpus = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)

@@ -139,6 +139,15 @@ def test_final_retrain_trains_the_best_config_longer_and_keeps_the_better(tmp_pa
     assert json.loads((run_dir / "summary.json").read_text())["final"] == final
 
 
+def test_final_retrain_takes_the_search_slots_that_fit_on_one_node(ray_session):
+    from search.tune_api import final_trial_resources
+
+    # the test cluster: one node, 2 CPUs, no GPU
+    assert final_trial_resources(cpus_per_trial=1, gpus_per_trial=0, slots=2) == (2, 0.0)
+    assert final_trial_resources(cpus_per_trial=1, gpus_per_trial=0, slots=8) == (2, 0.0)
+    assert final_trial_resources(cpus_per_trial=2, gpus_per_trial=0, slots=1) == (2, 0.0)
+
+
 def test_smoke_preset_command(tmp_path):
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "search/run.py", "--preset", "smoke", "--out",
