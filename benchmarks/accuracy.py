@@ -4,8 +4,9 @@
 
 Runs ``search/run.py`` (the test split never reaches it; with the preset's ``final_epochs`` it
 ends with a final retrain of the best config), then ``python -m biometry evaluate --split test`` on
-the best model, and writes ``benchmarks/results/accuracy_<preset>.json`` with the figures, the
-targets of issue 11, the commands and the machine. ``--resume`` continues the search of ``--name``
+the model it selected on validation (``best/``, or ``final/`` when the retrain validates
+better), and writes ``benchmarks/results/accuracy_<preset>.json`` with the figures, the targets of
+issue 11, the commands and the machine. ``--resume`` continues the search of ``--name``
 (for a finished search: only its missing final retrain) before evaluating.
 """
 from __future__ import annotations
@@ -49,14 +50,16 @@ def main() -> int:
     subprocess.run(resume_cmd if args.resume else search_cmd, cwd=REPO, check=True)
     search_seconds = time.time() - started
 
+    search = json.loads((run_dir / "summary.json").read_text())
+    # the model the search selected on validation: best/ or, after a better final retrain, final/
+    model = search.get("selected_model", str(run_dir / "best"))
     eval_dir = run_dir / "test-eval"
-    eval_cmd = [sys.executable, "-m", "biometry", "evaluate", "--model", str(run_dir / "best"),
+    eval_cmd = [sys.executable, "-m", "biometry", "evaluate", "--model", model,
                 "--data", args.data, "--split", "test", "--out", str(eval_dir)]
     if args.flip_tta:
         eval_cmd.append("--flip-tta")
     subprocess.run(eval_cmd, cwd=REPO, check=True)
     test = json.loads((eval_dir / "summary.json").read_text())
-    search = json.loads((run_dir / "summary.json").read_text())
     base = evaluate_base_trial(run_dir, search, args)
 
     keys = ("bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", "bpd_median_mm", "ofd_median_mm",
@@ -73,7 +76,7 @@ def main() -> int:
         "search_minutes": round(search_seconds / 60, 1),
         "num_trials": search.get("num_trials"), "trial_states": search.get("trial_states"),
         "best_params": search.get("params"), "best_val": search.get("metrics"),
-        "best_source": search.get("best_source", "search"), "final_retrain": search.get("final"),
+        "selected_model": model, "final_retrain": search.get("final"),
         "test": {k: test.get(k) for k in keys}, "test_images": test.get("n_images"),
         "targets": targets,
         "targets_met": {k: bool(test.get(k) is not None and test[k] <= v)
@@ -132,7 +135,8 @@ def evaluate_base_trial(run_dir: Path, search: dict, args) -> dict | None:
     checkpoint = best_checkpoint_folder(trial_dir, search.get("objective", "val_measure_l1_mm"))
     if checkpoint is None:
         return {"trial_id": trial_id, "note": "no finished checkpoint"}
-    if trial_id == search.get("best_trial_id") and search.get("best_source", "search") == "search":
+    selected_best = Path(search.get("selected_model", run_dir / "best")) == run_dir / "best"
+    if trial_id == search.get("best_trial_id") and selected_best:
         return {"trial_id": trial_id, "is_best": True, "checkpoint": str(checkpoint),
                 "note": "the preset's own config was the search's best; see test"}
     out = run_dir / "test-eval-base"

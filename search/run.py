@@ -55,8 +55,8 @@ class SearchSettings:
     n_startup_trials: int = 10
     max_failures: int = 0
     start_from_base: bool = True  # the first trial is the preset's own config (Optuna enqueue)
-    # > 0: after the search, train the best config again for this many epochs, with every CPU
-    # or GPU slot the search used, and keep it if it validates better (docs/experiments.md)
+    # > 0: after the search, train the best config again for this many epochs on the search's
+    # slots (final/), selected if it validates better than best/ (docs/experiments.md)
     final_epochs: int = 0
     synthetic_images: int = 0  # > 0: train on this many synthetic images (smoke tests)
 
@@ -334,7 +334,8 @@ def run_search(args: argparse.Namespace) -> int:
                          data=data, storage=storage, name=name, run_dir=run_dir,
                          tracking_uri=tracking_uri, callback=callback)
         write_json(run_dir / "summary.json", summary)  # the search is done: --resume won't refit it
-    if settings.final_epochs and summary.get("top") and not final_done(summary, settings):
+    if settings.final_epochs and summary.get("top") and not final_done(summary, settings,
+                                                                      run_dir=run_dir):
         final_retrain(summary, settings=settings, run_dir=run_dir, name=name, storage=storage,
                       data=data, base_trial=preset.trial, tracking_uri=tracking_uri,
                       artifact_location=None if args.mlflow_uri
@@ -366,9 +367,14 @@ def finished_summary(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def final_done(summary: dict[str, Any], settings: SearchSettings) -> bool:
+def final_done(summary: dict[str, Any], settings: SearchSettings, *, run_dir: Path) -> bool:
     final = summary.get("final") or {}
-    return final.get("epochs") == settings.final_epochs and "error" not in final
+    if not final or "error" in final:
+        return False
+    if final["epochs"] != settings.final_epochs:
+        raise BiometryInputError(f"{run_dir}: its final retrain ran {final['epochs']} epochs; "
+                                 f"pass --final-epochs {final['epochs']} or another --name")
+    return True
 
 
 def search(args, *, settings: SearchSettings, preset: Preset, base_cfg, space, data, storage: str,
@@ -407,8 +413,6 @@ def search(args, *, settings: SearchSettings, preset: Preset, base_cfg, space, d
 
 def summarize_search(results, *, run_dir: Path, name: str, tracking_uri: str) -> dict[str, Any]:
     """Top trials by their best epoch, ``best/`` exported from the best checkpoint."""
-    from search.results import export_model_folder
-
     rows = []
     states: dict[str, int] = {}
     best_result, best_value = None, math.inf
@@ -421,15 +425,14 @@ def summarize_search(results, *, run_dir: Path, name: str, tracking_uri: str) ->
         history = history.dropna(subset=[OBJECTIVE])
         if history.empty:
             continue
-        best_row = history.loc[history[OBJECTIVE].idxmin()]
+        best_row, metrics = best_epoch(history)
         epochs = int(history["training_iteration"].max())
         full = epochs >= int(result.config.get("train.epochs", 0) or epochs)
         states[state] = states.get(state, 0) + 1
         row = {"trial_id": str(best_row.get("trial_id", "")), "epochs": epochs,
                "best_epoch": int(best_row["training_iteration"]),
                "params": {k: v for k, v in result.config.items() if "@" not in k},
-               "metrics": {k: float(best_row[k]) for k in best_row.index
-                           if k.endswith("_mm") or k in ("nme", "unc_spearman", "aurc")}}
+               "metrics": metrics}
         rows.append(row)
         if row["metrics"][OBJECTIVE] < best_value and result.best_checkpoints is not None:
             best_value, best_result = row["metrics"][OBJECTIVE], result
@@ -439,14 +442,27 @@ def summarize_search(results, *, run_dir: Path, name: str, tracking_uri: str) ->
                                "optuna_storage": str(run_dir / "optuna.journal"),
                                "top": rows[:5]}
     if best_result is not None and rows:
-        checkpoint = min(best_result.best_checkpoints,
-                         key=lambda cm: cm[1].get(OBJECTIVE, math.inf))[0]
-        with checkpoint.as_directory() as folder:
-            export_model_folder(Path(folder), run_dir / "best")
+        export_best_checkpoint(best_result, run_dir / "best")
         summary.update(best_trial_id=rows[0]["trial_id"], params=rows[0]["params"],
                        metrics=rows[0]["metrics"], best_model=str(run_dir / "best"),
-                       best_source="search")
+                       selected_model=str(run_dir / "best"))
     return summary
+
+
+def best_epoch(history) -> tuple[Any, dict[str, float]]:
+    """The row of a trial's lowest objective and its metrics (mm, nme, uncertainty ranking)."""
+    row = history.loc[history[OBJECTIVE].idxmin()]
+    return row, {k: float(row[k]) for k in row.index
+                 if k.endswith("_mm") or k in ("nme", "unc_spearman", "aurc")}
+
+
+def export_best_checkpoint(result, destination: Path) -> None:
+    """Copy the model files of a Ray result's best checkpoint into ``destination``."""
+    from search.results import export_model_folder
+
+    checkpoint = min(result.best_checkpoints, key=lambda cm: cm[1].get(OBJECTIVE, math.inf))[0]
+    with checkpoint.as_directory() as folder:
+        export_model_folder(Path(folder), destination)
 
 
 def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir: Path, name: str,
@@ -456,13 +472,13 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
 
     The search ranks configs by a short training (a trial's epochs, ASHA stopping most of them
     earlier); the winner is then trained for longer, on the slots the search ran trials on
-    (``max_concurrent_trials`` times a trial's CPUs, as far as one node has them; one GPU). It is a Ray Tune run
-    of its own (``NAME-final`` beside the search, resumable with ``--resume``), logged in MLflow
-    under the search's parent run with ``role=final``. Its best epoch replaces ``best/`` only if
-    it validates better than the search's best; ``summary["final"]`` records both either way.
+    (``max_concurrent_trials`` times a trial's CPUs as far as one node has them; one GPU). It is
+    a Ray Tune run of its own (``NAME-final`` beside the search, resumable with ``--resume``),
+    logged in MLflow under the search's parent run with ``role=final``. Its best epoch is
+    exported to ``final/`` (``best/`` stays the best trial's model) and becomes
+    ``summary["selected_model"]`` if it validates better than the best trial.
     """
     from search import tune_api
-    from search.results import export_model_folder
     from search.tracking import MlflowSearchLogger
     from trainables.tune_trial import tune_trainable
 
@@ -495,23 +511,16 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
               f"search's", file=sys.stderr)
         summary["final"] = {"epochs": settings.final_epochs, "error": str(result.error)}
         return
-    best_row = history.loc[history[OBJECTIVE].idxmin()]
-    metrics = {k: float(best_row[k]) for k in best_row.index
-               if k.endswith("_mm") or k in ("nme", "unc_spearman", "aurc")}
-    kept = metrics[OBJECTIVE] < summary["metrics"][OBJECTIVE]
-    summary["final"] = {"epochs": settings.final_epochs, "best_epoch":
-                        int(best_row["training_iteration"]), "metrics": metrics, "kept": kept,
-                        "search_best_metrics": summary["metrics"], "path": path}
-    if kept:
-        checkpoint = min(result.best_checkpoints,
-                         key=lambda cm: cm[1].get(OBJECTIVE, math.inf))[0]
-        with checkpoint.as_directory() as folder:
-            export_model_folder(Path(folder), run_dir / "best")
-        summary.update(metrics=metrics, best_source="final retrain")
-    searched = summary["final"]["search_best_metrics"][OBJECTIVE]
+    best_row, metrics = best_epoch(history)
+    export_best_checkpoint(result, run_dir / "final")
+    selected = metrics[OBJECTIVE] < summary["metrics"][OBJECTIVE]
+    summary["final"] = {"epochs": settings.final_epochs,
+                        "best_epoch": int(best_row["training_iteration"]), "metrics": metrics,
+                        "model": str(run_dir / "final"), "selected": selected, "path": path}
+    summary["selected_model"] = str(run_dir / ("final" if selected else "best"))
     print(f"final retrain: {OBJECTIVE} {metrics[OBJECTIVE]:.3f} mm at epoch "
-          f"{summary['final']['best_epoch']} (search's best {searched:.3f} mm); best/ is "
-          f"{'the retrained model' if kept else 'still the search best'}")
+          f"{summary['final']['best_epoch']} (best trial {summary['metrics'][OBJECTIVE]:.3f} mm); "
+          f"selected model: {summary['selected_model']}")
 
 
 def print_watch_info(info: dict, run_dir: Path, tracking_uri: str, resources: dict,
@@ -548,6 +557,8 @@ def print_top(summary: dict[str, Any]) -> None:
     if "best_model" in summary:
         print(f"\nbest model: {summary['best_model']}\nsummary: "
               f"{Path(summary['best_model']).parent / 'summary.json'}")
+    if summary.get("selected_model", summary.get("best_model")) != summary.get("best_model"):
+        print(f"selected model (the final retrain validates better): {summary['selected_model']}")
 
 
 def _short(value: Any) -> str:

@@ -102,7 +102,7 @@ def test_search_with_asha_mlflow_and_optuna(tmp_path, ray_session):
     assert min(t.value for t in complete) == pytest.approx(best_mlflow)
 
 
-def test_final_retrain_trains_the_best_config_longer_and_keeps_the_better(tmp_path, ray_session):
+def test_final_retrain_trains_the_best_config_longer_and_selects_the_better(tmp_path, ray_session):
     """A finished search resumed with --final-epochs gets its final retrain and no new trials;
     resuming again retrains nothing."""
     preset = write_preset(tmp_path / "p.yaml", num_samples=2, epochs=1, concurrent=2)
@@ -117,13 +117,16 @@ def test_final_retrain_trains_the_best_config_longer_and_keeps_the_better(tmp_pa
     assert summary["num_trials"] == 2
     assert final["epochs"] == 3 and 1 <= final["best_epoch"] <= 3
     objective = "val_measure_l1_mm"
-    assert final["kept"] == (final["metrics"][objective] < final["search_best_metrics"][objective])
-    assert summary["best_source"] == ("final retrain" if final["kept"] else "search")
-    assert summary["metrics"][objective] == min(final["metrics"][objective],
-                                                final["search_best_metrics"][objective])
-    saved = yaml.safe_load((run_dir / "best" / "model.yaml").read_text())
-    assert saved["trial_config"]["train"]["epochs"] == (3 if final["kept"] else 1)
-    assert saved["trial_config"]["train"]["threads"] == (2 if final["kept"] else 1)  # both slots
+    assert final["selected"] == (final["metrics"][objective] < summary["metrics"][objective])
+    assert summary["selected_model"] == str(run_dir / ("final" if final["selected"] else "best"))
+    # best/ stays the best trial's model (interfaces.md); the retrain is final/
+    best = yaml.safe_load((run_dir / "best" / "model.yaml").read_text())
+    retrained = yaml.safe_load((run_dir / "final" / "model.yaml").read_text())
+    assert best["trial_config"]["train"]["epochs"] == 1
+    assert best["metrics"][objective] == pytest.approx(summary["metrics"][objective])
+    assert retrained["trial_config"]["train"]["epochs"] == 3
+    assert retrained["trial_config"]["train"]["threads"] == 2  # both slots of the search
+    assert retrained["metrics"][objective] == pytest.approx(final["metrics"][objective])
 
     client, runs = mlflow_runs(run_dir, "fin")
     parent = next(r for r in runs if r.data.tags.get("role") == "search")
@@ -137,6 +140,8 @@ def test_final_retrain_trains_the_best_config_longer_and_keeps_the_better(tmp_pa
     _, runs = mlflow_runs(run_dir, "fin")
     assert sum(r.data.tags.get("role") == "final" for r in runs) == 1
     assert json.loads((run_dir / "summary.json").read_text())["final"] == final
+    with pytest.raises(BiometryInputError, match="its final retrain ran 3 epochs"):
+        search_run.run_search(search_run.parse_args([*argv, "--resume", "--final-epochs", "5"]))
 
 
 def test_final_retrain_takes_the_search_slots_that_fit_on_one_node(ray_session):

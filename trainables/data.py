@@ -122,7 +122,8 @@ def head_size_weights(images: PreparedImages, *, power: float, bins: int = 6) ->
     factors, so an early-gestation head of 60 mm and one of 80 mm are as different as 180 and
     240 mm) and each image weighs ``count(bin) ** -power``: 0 keeps the split's own mix, 1 draws
     every bin equally often. Early-gestation heads are the ones the model fits worst, on the
-    training images too (docs/experiments.md, "head-size balance"). Mean weight 1.
+    training images too (docs/experiments.md, "Early-gestation heads"); on HC18 this sampling
+    did not help. Mean weight 1.
     """
     if not 0 <= power <= 1:
         raise ValueError(f"power must be in [0, 1], got {power}")
