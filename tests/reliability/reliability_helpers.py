@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -169,3 +170,79 @@ def csv_images(csv_path: Path) -> list[str]:
 
     with open(csv_path, newline="") as f:
         return [row["image"] for row in csv.DictReader(f)]
+
+
+# -- commands in a preloaded interpreter --------------------------------------------------------
+# Starting ``python`` costs seconds of third-party imports (torch, albumentations, ray, ...) on a
+# small machine, which dominates a table of bad-input commands that each stop at their first
+# check. A forkserver imports those libraries once; each command then runs in a process forked
+# from it, exactly as ``python ARGV`` would run it (runpy as __main__, the same argv, cwd and
+# environment, a clean sys.path, its own stdout/stderr files, the exit code of its SystemExit,
+# atexit handlers run). The project's own modules are not preloaded: each command imports them.
+PRELOADED_LIBRARIES = ["numpy", "torch", "torch.utils.data", "scipy.stats", "scipy.interpolate",
+                       "cv2", "albumentations", "PIL.Image", "yaml", "pandas", "optuna", "mlflow",
+                       "ray", "ray.tune", "matplotlib.pyplot"]
+
+
+def _python_sys_path() -> list[str]:
+    """``sys.path`` of a plain ``python`` here, without its first entry (the script's folder)."""
+    found = subprocess.run([PYTHON, "-c", "import json, sys; print(json.dumps(sys.path[1:]))"],
+                           capture_output=True, text=True, check=True, cwd="/")
+    return json.loads(found.stdout)
+
+
+def _run_like_python(argv: list[str], cwd: str, env: dict, sys_path: list[str],
+                     stdout_path: str, stderr_path: str) -> None:
+    import atexit
+    import runpy
+
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, stdout_path), (2, stderr_path)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.stdout = open(1, "w", closefd=False, buffering=1)
+    sys.stderr = open(2, "w", closefd=False, buffering=1)
+    sys.stdin = open(os.devnull)
+    try:
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path[:] = [cwd, *sys_path]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            script = os.path.abspath(argv[0])
+            sys.argv = [argv[0], *argv[1:]]
+            sys.path[:] = [os.path.dirname(script), *sys_path]
+            runpy.run_path(script, run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()
+
+
+class PreloadedPython:
+    """``run(argv)`` is :func:`run_command` in a process forked from a preloaded interpreter."""
+
+    def __init__(self, work_dir: Path):
+        import multiprocessing
+
+        self.work_dir = work_dir
+        self.sys_path = _python_sys_path()
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(PRELOADED_LIBRARIES)
+        self._numbers = itertools.count(1)
+
+    def run(self, argv: list[str], *, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+        number = next(self._numbers)
+        stdout, stderr = (self.work_dir / f"{number}.{name}" for name in ("out", "err"))
+        argv = [str(a) for a in argv]
+        process = self.context.Process(target=_run_like_python, args=(
+            argv, str(REPO), command_env(**env), self.sys_path, str(stdout), str(stderr)))
+        process.start()
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired(argv, timeout)
+        streams = [path.read_text() if path.is_file() else "" for path in (stdout, stderr)]
+        return subprocess.CompletedProcess([PYTHON, *argv], process.exitcode, *streams)

@@ -1,12 +1,15 @@
-"""Bad input through every command, as a user sees it (a subprocess).
+"""Bad input through every command, as a user sees it (a process of its own).
 
 The contract (shared/docs/interfaces.md): exit non-zero, ONE line on stderr naming the file, row
 or key at fault, no traceback (unless --debug), and nothing already written is deleted or changed
 (every case runs in a folder holding ``out/keep.txt``; the commands that take ``--out`` write
 there). No case trains: each error must come before any heavy work.
 
-The table is run once, up to three commands at a time (each command costs seconds of imports on a
-small machine); each case is still its own test.
+The table is run once, up to three commands at a time; each case is still its own test. A plain
+``python`` costs seconds of torch/ray imports on a small machine, so each command runs in a
+process forked from an interpreter that imported those libraries once, as ``python ARGV`` would
+run it (reliability_helpers.PreloadedPython); test_debug_adds_the_traceback and the other
+reliability tests start plain interpreters.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from reliability_helpers import (  # noqa: E402
     REPO,
     copy_dataset,
     edit_csv_cell,
+    PreloadedPython,
     one_error_line,
     run_command,
     tree_digest,
@@ -457,7 +461,7 @@ class Outcome:
     setup_error: BaseException | None = None
 
 
-def _run_case(c: Case, root: Path, fx: Fixtures) -> Outcome:
+def _run_case(c: Case, root: Path, fx: Fixtures, python: PreloadedPython) -> Outcome:
     d = root / c.id
     (d / "out").mkdir(parents=True)
     (d / "out" / "keep.txt").write_text("written before the command ran\n")
@@ -466,7 +470,7 @@ def _run_case(c: Case, root: Path, fx: Fixtures) -> Outcome:
     except Exception as err:  # reported by that case's test alone
         return Outcome(setup_error=err)
     before = tree_digest(d)
-    proc = run_command(argv, timeout=300, **(c.env or {}))
+    proc = python.run(argv, timeout=300, **(c.env or {}))
     return Outcome(proc, before, tree_digest(d))
 
 
@@ -478,8 +482,9 @@ def outcomes(request, tmp_path_factory, dataset_csv, model_folder) -> dict[str, 
     cases = [c for c in CASES if c.id in selected]
     root = tmp_path_factory.mktemp("bad-input")
     fx = Fixtures(dataset_csv=dataset_csv, model_folder=model_folder)
+    python = PreloadedPython(tmp_path_factory.mktemp("bad-input-streams"))
     with ThreadPoolExecutor(3) as pool:
-        done = pool.map(lambda c: _run_case(c, root, fx), cases)
+        done = pool.map(lambda c: _run_case(c, root, fx, python), cases)
         return dict(zip((c.id for c in cases), done))
 
 
