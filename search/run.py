@@ -427,7 +427,6 @@ def summarize_search(results, *, run_dir: Path, name: str, tracking_uri: str) ->
             continue
         best_row, metrics = best_epoch(history)
         epochs = int(history["training_iteration"].max())
-        full = epochs >= int(result.config.get("train.epochs", 0) or epochs)
         states[state] = states.get(state, 0) + 1
         row = {"trial_id": str(best_row.get("trial_id", "")), "epochs": epochs,
                "best_epoch": int(best_row["training_iteration"]),
