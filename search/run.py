@@ -39,6 +39,15 @@ PRESETS_DIR = REPO_ROOT / "configs" / "presets"
 TOP_COLUMNS = ("bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", OBJECTIVE)
 
 
+# what the final retrain must share with the search: its data split (it is validated, and
+# selected, on the search's validation split) and its length (search.final_epochs)
+FINAL_FIXED_KEYS = {
+    **{f"data.{k}": "the retrain validates on the search's split"
+       for k in ("path", "split_seed", "val_fraction", "test_fraction", "limit", "exclude_outliers")},
+    "train.epochs": "set search.final_epochs instead",
+}
+
+
 @dataclass
 class SearchSettings:
     """The ``search:`` section of a preset; flags override it."""
@@ -58,6 +67,9 @@ class SearchSettings:
     # > 0: after the search, train the best config again for this many epochs on the search's
     # slots (final/), selected if it validates better than best/ (docs/experiments.md)
     final_epochs: int = 0
+    # dotted trial-config keys the final retrain sets on top of the best config (a larger input,
+    # say: the search ranks configs cheaply, the retrain spends more); {} = the best config as is
+    final_overrides: dict = dataclasses.field(default_factory=dict)
     synthetic_images: int = 0  # > 0: train on this many synthetic images (smoke tests)
 
     def validate(self, source: str) -> None:
@@ -75,6 +87,13 @@ class SearchSettings:
         for ok, key, requirement, value in checks:
             if not ok:
                 raise BiometryInputError(f"{source}: 'search.{key}' {requirement} but got {value!r}")
+        for key in self.final_overrides:
+            if not isinstance(key, str) or key.count(".") != 1 or key.startswith("search."):
+                raise BiometryInputError(f"{source}: 'search.final_overrides' key {key!r} must be "
+                                         f"a dotted trial-config key such as 'data.input_h'")
+            if key in FINAL_FIXED_KEYS:
+                raise BiometryInputError(f"{source}: 'search.final_overrides.{key}' cannot be "
+                                         f"changed: {FINAL_FIXED_KEYS[key]}")
 
 
 @dataclass
@@ -287,6 +306,9 @@ def run_search(args: argparse.Namespace) -> int:
     space = load_space(REPO_ROOT / settings.space if not Path(settings.space).is_absolute()
                        else settings.space)
     validate_space_against_config(space, preset.trial)
+    if settings.final_overrides:
+        final_config(preset.trial, {}, settings, source=f"preset {preset.name} + "
+                                                        f"search.final_overrides")
     # data: the smoke preset makes a synthetic set (in the run folder); everything is decoded
     # once, here
     synthetic = bool(settings.synthetic_images and not args.data
@@ -374,7 +396,23 @@ def final_done(summary: dict[str, Any], settings: SearchSettings, *, run_dir: Pa
     if final["epochs"] != settings.final_epochs:
         raise BiometryInputError(f"{run_dir}: its final retrain ran {final['epochs']} epochs; "
                                  f"pass --final-epochs {final['epochs']} or another --name")
+    if final.get("overrides", {}) != settings.final_overrides:
+        raise BiometryInputError(f"{run_dir}: its final retrain ran with search.final_overrides "
+                                 f"{final.get('overrides', {})}, the preset now has "
+                                 f"{settings.final_overrides}; use another --name")
     return True
+
+
+def final_config(base_trial: dict, params: dict, settings: SearchSettings, *, source: str):
+    """The final retrain's trial config: the base trial, the best trial's params, the overrides
+    and the final epochs (validated, so a bad override fails before the search, naming it)."""
+    from trainables.config import config_from_dict, set_dotted
+
+    raw = json.loads(json.dumps(base_trial))
+    for key, value in {**params, **settings.final_overrides,
+                       "train.epochs": settings.final_epochs or 1}.items():
+        set_dotted(raw, key, value)
+    return config_from_dict(raw, source=source)
 
 
 def search(args, *, settings: SearchSettings, preset: Preset, base_cfg, space, data, storage: str,
@@ -479,18 +517,23 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
     """
     from search import tune_api
     from search.tracking import MlflowSearchLogger
+    from trainables.config import config_from_dict
     from trainables.tune_trial import tune_trainable
 
     cpus, gpus = tune_api.final_trial_resources(cpus_per_trial=settings.cpus_per_trial,
                                                 gpus_per_trial=settings.gpus_per_trial,
                                                 slots=settings.max_concurrent_trials)
-    params = {**summary["params"], "train.epochs": settings.final_epochs}
+    params = {**summary["params"], **settings.final_overrides, "train.epochs": settings.final_epochs}
+    final_cfg = final_config(base_trial, summary["params"], settings, source="final retrain")
+    if settings.final_overrides and final_cfg.data != config_from_dict(base_trial).data:
+        data, _ = prepare_data(final_cfg)  # e.g. another input size: decode the images for it
     if not gpus and base_trial.get("train", {}).get("threads"):
         params["train.threads"] = max(1, int(cpus))  # the trial's own threads are one slot's
     final_name = f"{name}-final"
     path = f"{storage.rstrip('/')}/{final_name}"
-    print(f"\nfinal retrain: the best config for {settings.final_epochs} epochs on {cpus:g} CPU / "
-          f"{gpus:g} GPU ({path})")
+    changed = "".join(f", {k}={v}" for k, v in settings.final_overrides.items())
+    print(f"\nfinal retrain: the best config for {settings.final_epochs} epochs{changed} on "
+          f"{cpus:g} CPU / {gpus:g} GPU ({path})")
     if tune_api.can_restore(path):
         tuner = tune_api.restore_tuner(path, tune_trainable, data=data, base_config=base_trial,
                                        cpus_per_trial=cpus, gpus_per_trial=gpus)
@@ -508,12 +551,13 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
     if result.error or history is None or OBJECTIVE not in history.columns:
         print(f"warning: the final retrain gave no result ({result.error}); best/ stays the "
               f"search's", file=sys.stderr)
-        summary["final"] = {"epochs": settings.final_epochs, "error": str(result.error)}
+        summary["final"] = {"epochs": settings.final_epochs, "overrides": settings.final_overrides,
+                            "error": str(result.error)}
         return
     best_row, metrics = best_epoch(history)
     export_best_checkpoint(result, run_dir / "final")
     selected = metrics[OBJECTIVE] < summary["metrics"][OBJECTIVE]
-    summary["final"] = {"epochs": settings.final_epochs,
+    summary["final"] = {"epochs": settings.final_epochs, "overrides": settings.final_overrides,
                         "best_epoch": int(best_row["training_iteration"]), "metrics": metrics,
                         "model": str(run_dir / "final"), "selected": selected, "path": path}
     summary["selected_model"] = str(run_dir / ("final" if selected else "best"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -103,9 +104,11 @@ def test_search_with_asha_mlflow_and_optuna(tmp_path, ray_session):
 
 
 def test_final_retrain_trains_the_best_config_longer_and_selects_the_better(tmp_path, ray_session):
-    """A finished search resumed with --final-epochs gets its final retrain and no new trials;
-    resuming again retrains nothing."""
-    preset = write_preset(tmp_path / "p.yaml", num_samples=2, epochs=1, concurrent=2)
+    """A finished search resumed with --final-epochs gets its final retrain (with the preset's
+    final_overrides: a larger input, its images decoded again) and no new trials; resuming again
+    retrains nothing."""
+    preset = write_preset(tmp_path / "p.yaml", num_samples=2, epochs=1, concurrent=2,
+                          final_overrides={"data.input_h": 80, "data.input_w": 120})
     argv = ["--preset", str(preset), "--out", str(tmp_path / "runs"), "--name", "fin"]
     assert search_run.main(argv) == 0
     run_dir = tmp_path / "runs" / "fin"
@@ -126,6 +129,8 @@ def test_final_retrain_trains_the_best_config_longer_and_selects_the_better(tmp_
     assert best["metrics"][objective] == pytest.approx(summary["metrics"][objective])
     assert retrained["trial_config"]["train"]["epochs"] == 3
     assert retrained["trial_config"]["train"]["threads"] == 2  # both slots of the search
+    assert best["input_hw"] == [64, 96] and retrained["input_hw"] == [80, 120]
+    assert final["overrides"] == {"data.input_h": 80, "data.input_w": 120}
     assert retrained["metrics"][objective] == pytest.approx(final["metrics"][objective])
 
     client, runs = mlflow_runs(run_dir, "fin")
@@ -142,6 +147,23 @@ def test_final_retrain_trains_the_best_config_longer_and_selects_the_better(tmp_
     assert json.loads((run_dir / "summary.json").read_text())["final"] == final
     with pytest.raises(BiometryInputError, match="its final retrain ran 3 epochs"):
         search_run.run_search(search_run.parse_args([*argv, "--resume", "--final-epochs", "5"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.input_hh": 80}, "unknown key 'data.input_hh'"),
+    ({"data.input_h": "big"}, "data.input_h"),
+    ({"data.split_seed": 3}, "'search.final_overrides.data.split_seed' cannot be changed: the "
+                             "retrain validates on the search's split"),
+    ({"train.epochs": 90}, "set search.final_epochs instead"),
+    ({"epochs": 90}, "must be a dotted trial-config key"),
+])
+def test_bad_final_overrides_are_refused_before_the_search(tmp_path, overrides, message):
+    preset = write_preset(tmp_path / "p.yaml", num_samples=1, epochs=1, final_epochs=2,
+                          final_overrides=overrides)
+    args = search_run.parse_args(["--preset", str(preset), "--out", str(tmp_path / "runs")])
+    with pytest.raises(BiometryInputError, match=re.escape(message)):
+        search_run.run_search(args)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_final_retrain_takes_the_search_slots_that_fit_on_one_node(ray_session):
