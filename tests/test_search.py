@@ -147,6 +147,9 @@ def test_final_retrain_trains_the_best_config_longer_and_selects_the_better(tmp_
     assert json.loads((run_dir / "summary.json").read_text())["final"] == final
     with pytest.raises(BiometryInputError, match="its final retrain ran 3 epochs"):
         search_run.run_search(search_run.parse_args([*argv, "--resume", "--final-epochs", "5"]))
+    write_preset(preset, num_samples=2, epochs=1, concurrent=2, final_overrides={})
+    with pytest.raises(BiometryInputError, match="its final retrain ran with search.final_overr"):
+        search_run.run_search(search_run.parse_args([*argv, "--resume", "--final-epochs", "3"]))
 
 
 @pytest.mark.parametrize("overrides, message", [
