@@ -307,8 +307,8 @@ def run_search(args: argparse.Namespace) -> int:
                        else settings.space)
     validate_space_against_config(space, preset.trial)
     if settings.final_overrides:
-        final_config(preset.trial, {}, settings, source=f"preset {preset.name} + "
-                                                        f"search.final_overrides")
+        final_config(preset.trial, settings.final_overrides,
+                     source=f"preset {preset.name} + search.final_overrides")
     # data: the smoke preset makes a synthetic set (in the run folder); everything is decoded
     # once, here
     synthetic = bool(settings.synthetic_images and not args.data
@@ -403,14 +403,12 @@ def final_done(summary: dict[str, Any], settings: SearchSettings, *, run_dir: Pa
     return True
 
 
-def final_config(base_trial: dict, params: dict, settings: SearchSettings, *, source: str):
-    """The final retrain's trial config: the base trial, the best trial's params, the overrides
-    and the final epochs (validated, so a bad override fails before the search, naming it)."""
+def final_config(base_trial: dict, params: dict, *, source: str):
+    """The base trial with dotted ``params`` set, validated (a bad override fails naming it)."""
     from trainables.config import config_from_dict, set_dotted
 
     raw = json.loads(json.dumps(base_trial))
-    for key, value in {**params, **settings.final_overrides,
-                       "train.epochs": settings.final_epochs or 1}.items():
+    for key, value in params.items():
         set_dotted(raw, key, value)
     return config_from_dict(raw, source=source)
 
@@ -517,16 +515,14 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
     """
     from search import tune_api
     from search.tracking import MlflowSearchLogger
-    from trainables.config import config_from_dict
     from trainables.tune_trial import tune_trainable
 
     cpus, gpus = tune_api.final_trial_resources(cpus_per_trial=settings.cpus_per_trial,
                                                 gpus_per_trial=settings.gpus_per_trial,
                                                 slots=settings.max_concurrent_trials)
     params = {**summary["params"], **settings.final_overrides, "train.epochs": settings.final_epochs}
-    final_cfg = final_config(base_trial, summary["params"], settings, source="final retrain")
-    if settings.final_overrides and final_cfg.data != config_from_dict(base_trial).data:
-        data, _ = prepare_data(final_cfg)  # e.g. another input size: decode the images for it
+    if any(key.startswith("data.") for key in settings.final_overrides):  # e.g. another input size
+        data, _ = prepare_data(final_config(base_trial, params, source="final retrain"))
     if not gpus and base_trial.get("train", {}).get("threads"):
         params["train.threads"] = max(1, int(cpus))  # the trial's own threads are one slot's
     final_name = f"{name}-final"

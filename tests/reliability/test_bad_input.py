@@ -26,9 +26,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reliability_helpers import (  # noqa: E402
     REPO,
+    PreloadedPython,
     copy_dataset,
     edit_csv_cell,
-    PreloadedPython,
     one_error_line,
     run_command,
     tree_digest,
