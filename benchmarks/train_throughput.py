@@ -107,7 +107,7 @@ class Stepper:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.channels_last = self.cuda and cfg.train.channels_last
-        self.model = create_model(name, **cfg.model.kwargs()).to(self.device)
+        self.model = create_model(name, **cfg.model_kwargs()).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = self.cuda and cfg.train.amp
@@ -137,16 +137,19 @@ class Stepper:
 
         from biometry.inference import decode_coords
         from biometry.losses import biometry_loss
+        from biometry.models import split_mask
 
         self.model.train()
         images = self._images(images)
         heatmaps, keypoints = heatmaps.to(self.device), keypoints.to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             pred = self.model(images)
-        pred = pred.float()
+        pred, mask_logits = split_mask(pred.float())
         coords = decode_coords(pred, self.codec, beta=self.cfg.train.softargmax_beta)
+        mask = (None if mask_logits is None
+                else (mask_logits, *self.codec.encode_head_region(keypoints)))
         loss, _ = biometry_loss(pred, heatmaps, coords, keypoints, self.cfg.loss,
-                                coord_scale=float(self.cfg.input_hw[1]))
+                                coord_scale=float(self.cfg.input_hw[1]), mask=mask)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -159,11 +162,12 @@ class Stepper:
         import torch
 
         from biometry.inference import decode_coords
+        from biometry.models import split_mask
 
         self.model.eval()
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
                                              enabled=self.amp):
-            coords = decode_coords(self.model(self._images(images)), self.codec,
+            coords = decode_coords(split_mask(self.model(self._images(images)))[0], self.codec,
                                    beta=self.cfg.train.softargmax_beta)
         coords.cpu()  # the predictor hands coordinates back on the CPU: a sync point
 
@@ -247,7 +251,7 @@ def measure_cpu_res(args, cfg, data, models: list[str]) -> list[dict]:
         m, f, i = median(model_only), median(full), median(infer)
         share = max(0.0, (f - m) / f)
         row = {"model": name, "input_hw": list(cfg.input_hw), "batch": batch,
-               "model_kwargs": cfg.model.kwargs(), "threads": torch.get_num_threads(),
+               "model_kwargs": cfg.model_kwargs(), "threads": torch.get_num_threads(),
                "num_workers": args.num_workers,
                "model_only_step_s": m, "full_step_s": f, "inference_batch_s": i,
                "train_images_per_s_model_only": batch / m, "train_images_per_s_full": batch / f,
@@ -310,7 +314,7 @@ def measure_gpu_res(args, cfg, models: list[str], *, device: str) -> list[dict]:
         t, i = median(train), median(infer)
         row = {"model": name, "device": str(stepper.device), "amp": stepper.amp,
                "input_hw": list(cfg.input_hw), "batch": batch,
-               "model_kwargs": cfg.model.kwargs(), "threads": torch.get_num_threads(),
+               "model_kwargs": cfg.model_kwargs(), "threads": torch.get_num_threads(),
                "model_only_step_s": t, "inference_batch_s": i,
                "train_images_per_s_model_only": batch / t, "inference_images_per_s": batch / i,
                "steps": {"train_step_s": train, "inference_batch_s": infer},

@@ -280,6 +280,34 @@ class HeatmapCodec:
         maps[~finite] = 0.0
         return maps.astype(np.float32)
 
+    def encode_head_region(self, keypoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 4, 2) input-pixel landmarks (BPD1, BPD2, OFD1, OFD2) -> ((B, h, w) float 0/1 mask
+        of the ellipse they span, (B,) float 1 where it is defined).
+
+        The ellipse is centred on the mean of the four points, its major axis along the OFD, its
+        semi-axes half the OFD and BPD lengths; endpoint order does not matter. An image with a
+        non-finite or degenerate (zero-length) diameter gets an empty mask and weight 0.
+        """
+        pts = keypoints.float()
+        bpd, ofd = pts[:, 1] - pts[:, 0], pts[:, 3] - pts[:, 2]
+        semi_minor = torch.linalg.vector_norm(bpd, dim=-1) / 2
+        semi_major = torch.linalg.vector_norm(ofd, dim=-1) / 2
+        valid = torch.isfinite(pts).all(dim=(1, 2)) & (semi_minor > 0) & (semi_major > 0)
+        pts = torch.where(valid[:, None, None], pts, torch.zeros_like(pts))
+        centre = pts.mean(dim=1)  # (B, 2)
+        along = ofd / semi_major.clamp_min(1e-6)[:, None] / 2  # unit OFD direction
+        h, w = self.heatmap_hw
+        ys, xs = torch.meshgrid(torch.arange(h, device=pts.device, dtype=pts.dtype),
+                                torch.arange(w, device=pts.device, dtype=pts.dtype), indexing="ij")
+        grid = self.to_input_coords(torch.stack([xs, ys], dim=-1))  # (h, w, 2) input pixels
+        offset = grid[None] - centre[:, None, None]  # (B, h, w, 2)
+        u = (offset * along[:, None, None]).sum(-1)
+        v = offset[..., 0] * -along[:, None, None, 1] + offset[..., 1] * along[:, None, None, 0]
+        inside = ((u / semi_major.clamp_min(1e-6)[:, None, None]).square()
+                  + (v / semi_minor.clamp_min(1e-6)[:, None, None]).square()) <= 1
+        mask = (inside & valid[:, None, None]).float()
+        return mask, valid.float()
+
     def decode(self, heatmaps, *, mode: str | None = None, beta: float | None = None):
         """Sub-pixel soft-argmax decoding.
 

@@ -22,7 +22,7 @@ from biometry.codec import (
     window_soft_argmax,
 )
 from biometry.errors import BiometryInputError
-from biometry.models import create_model
+from biometry.models import create_model, split_mask
 from biometry.geometry import diameter_lengths
 from biometry.records import BPD, OFD
 from biometry.transforms import Letterbox, Orientation, letterbox, zoom_to, zscore
@@ -216,13 +216,13 @@ class LandmarkPredictor:
     def predict_input(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, 1, H, W) z-scored input -> (coords (B, 4, 2) input px, uncertainty (B,))."""
         batch = batch.to(self.device)
-        heatmaps = self.model(batch).float()
+        heatmaps = split_mask(self.model(batch).float())[0]
         coords, uncertainty = decode_heatmaps(heatmaps, self.codec, beta=self.spec.softargmax_beta,
                                               pairing=self.spec.pairing, decode=self.spec.decode)
         coords = self.orientation.apply(coords.cpu().numpy())
         uncertainty = np.asarray(uncertainty.cpu() if torch.is_tensor(uncertainty) else uncertainty)
         if self.flip_tta:
-            flipped = self.model(torch.flip(batch, dims=[3])).float()
+            flipped = split_mask(self.model(torch.flip(batch, dims=[3])).float())[0]
             coords_f = decode_coords(flipped, self.codec, beta=self.spec.softargmax_beta,
                                      pairing=self.spec.pairing, decode=self.spec.decode)
             coords_f = coords_f.cpu().numpy()

@@ -5,7 +5,8 @@ input pixels, divided by ``coord_scale`` before any coordinate term so the terms
 across input sizes (the trainer passes the input width).
 
 Typical magnitudes at the start of training (sigma 2 heatmaps, coords scaled by the input width):
-heatmap ~1e-3, coord ~1e-1, angle ~0.5, centre ~1e-1, order ~1e-1; the weights set the balance.
+heatmap ~1e-3, coord ~1e-1, angle ~0.5, centre ~1e-1, order ~1e-1, mask ~0.6; the weights set
+the balance.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from biometry.records import BPD, OFD
 
-TERMS = ("heatmap", "coord", "angle", "centre", "order")
+TERMS = ("heatmap", "coord", "angle", "centre", "order", "mask")
 HEATMAP_PAIRINGS = ("labelled", "invariant", "summed")
 _EPS = 1e-12  # floor of |BPD| * |OFD| in the angle term (scaled units squared)
 
@@ -42,6 +43,11 @@ class LossConfig:
             predicted BPD and OFD (0 at 90 degrees, 0.5 at 45, 1 when parallel).
         centre_weight: weight of the distance between the predicted BPD and OFD midpoints.
         order_weight: weight of ``relu(|BPD| - |OFD|)``: the BPD must not be longer than the OFD.
+        mask_weight: weight of the soft Dice loss between the model's head-region logits (a
+            model built with ``mask_head``) and the ellipse the labelled landmarks span
+            (``HeatmapCodec.encode_head_region``): dense supervision of where the head is, so that
+            a trunk or a whole fetus in view is not taken for it. Each image counts equally,
+            whatever the size of its head.
         heatmap_pairing: how the heatmap term treats the endpoint order within a pair:
             ``"labelled"`` (each channel against its labelled endpoint), ``"invariant"`` (each
             pair against the better of the two assignments, like the coordinate term) or
@@ -58,6 +64,7 @@ class LossConfig:
     angle_weight: float = 0.0
     centre_weight: float = 0.0
     order_weight: float = 0.0
+    mask_weight: float = 0.0
     heatmap_pairing: str = "labelled"
 
     def __post_init__(self) -> None:
@@ -83,7 +90,8 @@ class LossConfig:
             )
 
     def weights(self) -> dict[str, float]:
-        """``{"heatmap": heatmap_weight, "coord": ..., "angle": ..., "centre": ..., "order": ...}``."""
+        """``{"heatmap": heatmap_weight, "coord": ..., "angle": ..., "centre": ..., "order": ...,
+        "mask": ...}``."""
         return {term: float(getattr(self, f"{term}_weight")) for term in TERMS}
 
 
@@ -161,6 +169,15 @@ def order_penalty(coords: torch.Tensor) -> torch.Tensor:
     return F.relu(excess).mean()
 
 
+def mask_dice(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid images of ``1 - soft Dice(sigmoid(logits), target)``; (B, h, w) maps,
+    (B,) 0/1 ``valid``. 0 when no image is valid."""
+    prob = torch.sigmoid(logits.float())
+    overlap = (prob * target).sum(dim=(1, 2))
+    dice = (2 * overlap + 1.0) / (prob.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + 1.0)
+    return ((1 - dice) * valid).sum() / valid.sum().clamp_min(1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -172,6 +189,7 @@ def biometry_loss(
     cfg: LossConfig,
     *,
     coord_scale: float = 1.0,
+    mask: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the terms of ``cfg``; every term is also returned for logging.
 
@@ -183,11 +201,13 @@ def biometry_loss(
         cfg: the weights.
         coord_scale: coordinates are divided by it before the coordinate terms (e.g. the input
             width, so errors are fractions of the image).
+        mask: ``(logits (B, h, w), target (B, h, w), valid (B,))`` for the mask term; required
+            when ``cfg.mask_weight`` is above 0 (without it the term is reported as 0).
 
     Returns:
         ``(total, terms)``: ``total`` is the scalar to back-propagate, ``sum(weight * term)`` over
         the terms whose weight is above 0 (a term with weight 0 costs nothing, not even a NaN).
-        ``terms`` maps "heatmap", "coord", "angle", "centre", "order" to the detached unweighted
+        ``terms`` maps "heatmap", "coord", "angle", "centre", "order", "mask" to the detached unweighted
         values, and "total" to the detached total.
     """
     _check_shapes(pred_heatmaps, target_heatmaps, pred_coords, true_coords)
@@ -195,6 +215,9 @@ def biometry_loss(
                                              and math.isfinite(coord_scale) and coord_scale > 0):
         raise ValueError(f"coord_scale must be positive but got {coord_scale!r}.")
     weights = cfg.weights()
+    if weights["mask"] > 0 and mask is None:
+        raise ValueError("mask_weight is above 0 but no mask was given; build the model with "
+                         "mask_head=True and pass mask=(logits, target, valid).")
     channel_weights = torch.tensor(cfg.channel_weights, device=pred_heatmaps.device)
     heatmap_term = {"labelled": heatmap_mse, "invariant": heatmap_mse_order_invariant,
                     "summed": heatmap_mse_summed}[cfg.heatmap_pairing]
@@ -206,6 +229,7 @@ def biometry_loss(
         "angle": angle_penalty(pred),
         "centre": centre_offset(pred),
         "order": order_penalty(pred),
+        "mask": mask_dice(*mask) if mask is not None else pred_coords.new_zeros(()),
     }
     total = sum(weights[t] * values[t] for t in TERMS if weights[t] > 0)
     terms = {t: v.detach() for t, v in values.items()}

@@ -260,3 +260,31 @@ def test_window_soft_argmax_ignores_stray_mass_that_pulls_the_global_estimate():
     assert (whole - exact).norm(dim=-1).min() > 5  # pulled towards the ridge
     with pytest.raises(ValueError, match="radius must be a positive integer but got -1."):
         window_soft_argmax(maps, beta=1.0, radius=-1)
+
+
+def test_head_region_is_the_ellipse_of_the_two_diameters_in_any_endpoint_order():
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=2, sigma=2.0)
+    # OFD 60 px along 30 degrees, BPD 40 px perpendicular, both centred on (64, 48)
+    centre, along = np.array([64.0, 48.0]), np.array([np.cos(np.pi / 6), np.sin(np.pi / 6)])
+    across = np.array([-along[1], along[0]])
+    points = np.stack([centre - 20 * across, centre + 20 * across,
+                       centre - 30 * along, centre + 30 * along])
+    swapped = points[[1, 0, 3, 2]]
+    mask, valid = codec.encode_head_region(torch.tensor(np.stack([points, swapped])))
+    assert valid.tolist() == [1.0, 1.0]
+    torch.testing.assert_close(mask[0], mask[1])
+    area_in_heatmap_px = np.pi * 30 * 20 / codec.stride**2
+    assert mask[0].sum().item() == pytest.approx(area_in_heatmap_px, rel=0.03)
+    centre_px = codec.to_heatmap_coords(centre).round().astype(int)
+    assert mask[0, centre_px[1], centre_px[0]] == 1
+    tip = codec.to_heatmap_coords(centre + 28 * along).round().astype(int)  # inside, on the OFD
+    side = codec.to_heatmap_coords(centre + 28 * across).round().astype(int)  # outside the BPD
+    assert mask[0, tip[1], tip[0]] == 1 and mask[0, side[1], side[0]] == 0
+
+
+def test_head_region_of_a_missing_or_degenerate_diameter_is_empty_with_zero_weight():
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=4, sigma=2.0)
+    nan = [[np.nan, 1.0], [10.0, 10.0], [5.0, 5.0], [30.0, 5.0]]
+    collapsed = [[10.0, 10.0], [10.0, 10.0], [5.0, 5.0], [30.0, 5.0]]
+    mask, valid = codec.encode_head_region(torch.tensor([nan, collapsed]))
+    assert valid.tolist() == [0.0, 0.0] and mask.sum().item() == 0

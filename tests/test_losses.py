@@ -30,7 +30,7 @@ def terms_of(pred_xy, true_xy=None, *, cfg=ALL_ON, scale=1.0, hm=ZERO_HM, target
 
 def test_terms_are_all_reported_and_zero_on_a_perfect_cross():
     total, terms = terms_of(coords(CROSS))
-    assert set(terms) == {"heatmap", "coord", "angle", "centre", "order", "total"}
+    assert set(terms) == {"heatmap", "coord", "angle", "centre", "order", "mask", "total"}
     for key, value in terms.items():
         assert value.item() == pytest.approx(0.0, abs=1e-7), key
     assert total.item() == pytest.approx(0.0, abs=1e-7)
@@ -169,7 +169,7 @@ def test_config_accepts_a_list_of_channel_weights():
     cfg = LossConfig(heatmap_weight=0.0, coord_weight=1.0, channel_weights=[2, 2, 1, 1])
     assert cfg.channel_weights == (2.0, 2.0, 1.0, 1.0)
     assert cfg.weights() == {"heatmap": 0.0, "coord": 1.0, "angle": 0.0, "centre": 0.0,
-                             "order": 0.0}
+                             "order": 0.0, "mask": 0.0}
 
 
 def test_shape_and_scale_checks():
@@ -218,3 +218,28 @@ def test_unknown_heatmap_pairing_is_refused():
         LossConfig(heatmap_pairing="any")
     assert str(err.value) == ("heatmap_pairing must be one of ('labelled', 'invariant', 'summed') "
                               "but got 'any'.")
+
+
+def test_mask_term_is_a_per_image_dice_that_needs_a_mask_head():
+    from biometry.losses import mask_dice
+
+    target = torch.zeros(2, 8, 8)
+    target[0, 2:6, 2:6] = 1  # a large head
+    target[1, 4, 4] = 1  # a tiny one
+    right = torch.where(target > 0, 20.0, -20.0)
+    assert mask_dice(right, target, torch.ones(2)).item() == pytest.approx(0.0, abs=1e-6)
+    tiny_missed = right.clone()
+    tiny_missed[1, 4, 4] = -20.0
+    # the tiny head counts as much as the large one: half the loss, although 1 pixel of 17 is off
+    assert mask_dice(tiny_missed, target, torch.ones(2)).item() == pytest.approx(0.25, abs=0.01)
+    assert mask_dice(tiny_missed, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.0, abs=1e-6)
+
+    cfg = LossConfig(coord_weight=1.0, mask_weight=0.5)
+    hm = ZERO_HM.expand(2, -1, -1, -1)
+    xy = coords(CROSS, CROSS)
+    total, terms = biometry_loss(hm, hm, xy, xy, cfg, mask=(tiny_missed, target, torch.ones(2)))
+    assert terms["mask"].item() == pytest.approx(0.25, abs=0.01)
+    assert total.item() == pytest.approx(0.5 * terms["mask"].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="mask_weight is above 0 but no mask was given"):
+        biometry_loss(hm, hm, xy, xy, cfg)
+    assert terms_of(coords(CROSS))[1]["mask"].item() == 0.0  # no mask head: reported as 0

@@ -125,7 +125,7 @@ def test_unknown_option_names_the_choices():
         create_model("unet", widht=8)
     assert str(err.value) == (
         "unknown option 'widht' for model 'unet'; choose from: decoder_width, depth, in_channels, "
-        "norm, num_keypoints, output_stride, width"
+        "mask_head, norm, num_keypoints, output_stride, width"
     )
 
 
@@ -201,3 +201,28 @@ def test_a_few_steps_fit_a_fixed_batch(name):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_mask_head_adds_one_channel_after_the_heatmaps(name):
+    from biometry.models import split_mask
+
+    torch.manual_seed(0)
+    plain = create_model(name, **TINY)
+    masked = create_model(name, **TINY, mask_head=True)
+    x = torch.randn(2, 1, *SIZES[0])
+    out = masked(x)
+    assert out.shape[1] == 5 and plain(x).shape[1] == 4
+    heatmaps, logits = split_mask(out)
+    assert heatmaps.shape == (2, 4, *out.shape[-2:]) and logits.shape == (2, *out.shape[-2:])
+    assert split_mask(plain(x))[1] is None
+    (heatmaps.sum() + logits.sum()).backward()  # the mask channel is part of the graph
+    with pytest.raises(ValueError, match="mask_head must be True or False"):
+        create_model(name, **TINY, mask_head="yes")
+
+
+def test_split_mask_refuses_a_wrong_channel_count():
+    from biometry.models import split_mask
+
+    with pytest.raises(ValueError, match="4 heatmaps and at most one mask channel but got 6"):
+        split_mask(torch.zeros(1, 6, 4, 4))

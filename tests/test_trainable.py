@@ -144,3 +144,25 @@ def test_weight_average_is_what_is_saved_and_resume_continues_it(synthetic_csv, 
               out_dir=tmp_path / "a", resume_from=checkpoint,
               reporter=lambda m, f: resumed.append(dict(m)), log=lambda _: None)
     assert [r["epoch"] for r in resumed] == [3] and math.isfinite(resumed[0][OBJECTIVE])
+
+
+def test_mask_weight_trains_a_mask_head_that_the_model_folder_rebuilds(synthetic_csv, tmp_path):
+    """loss.mask_weight switches the model's head-region channel on; model.yaml records it, so
+    the folder rebuilds a 5-channel model and predicts landmarks from its first 4 maps."""
+    import numpy as np
+
+    from biometry.inference import LandmarkPredictor
+
+    raw = tiny_config(synthetic_csv).to_dict()
+    raw["loss"]["mask_weight"] = 0.2
+    cfg = config_from_dict(raw, source="test")
+    reports = []
+    run_trial(cfg, out_dir=tmp_path, reporter=None, log=lambda _: None)
+    run_trial(cfg, out_dir=tmp_path / "r", reporter=lambda m, f: reports.append(dict(m)),
+              log=lambda _: None)
+    assert all(0 < r["train_loss_mask"] < 1 for r in reports)
+    assert reports[1]["train_loss_mask"] < reports[0]["train_loss_mask"]
+    predictor = LandmarkPredictor.from_folder(tmp_path / "best")
+    assert predictor.spec.model_kwargs["mask_head"] is True
+    coords, uncertainty = predictor.predict([np.zeros((60, 90), dtype=np.uint8)])
+    assert coords.shape == (1, 4, 2) and np.isfinite(coords).all() and uncertainty.shape == (1,)

@@ -139,6 +139,14 @@ class TrialConfig:
     def input_hw(self) -> tuple[int, int]:
         return (self.data.input_h, self.data.input_w)
 
+    def model_kwargs(self) -> dict[str, Any]:
+        """``create_model`` options: the model section's, plus ``mask_head`` when the loss
+        trains a head-region mask (``loss.mask_weight`` above 0)."""
+        kwargs = self.model.kwargs()
+        if self.loss.mask_weight > 0:
+            kwargs["mask_head"] = True
+        return kwargs
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

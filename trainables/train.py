@@ -36,7 +36,7 @@ from biometry.inference import (
 )
 from biometry.losses import biometry_loss
 from biometry.metrics import summarize
-from biometry.models import create_model
+from biometry.models import create_model, split_mask
 from biometry.transforms import Letterbox
 from trainables.config import TrialConfig, load_config
 from trainables.data import (
@@ -173,7 +173,7 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
     if tuple(data.input_hw) != cfg.input_hw:
         raise BiometryInputError(f"data prepared at {data.input_hw} but the config asks for "
                                  f"{cfg.input_hw} (data.input_h/input_w)")
-    spec = ModelSpec(architecture=cfg.model.name, model_kwargs=cfg.model.kwargs(),
+    spec = ModelSpec(architecture=cfg.model.name, model_kwargs=cfg.model_kwargs(),
                      input_hw=cfg.input_hw, stride=cfg.model.output_stride, sigma=cfg.train.sigma,
                      softargmax_beta=cfg.train.softargmax_beta,
                      orientation=data.orientation.to_dict(), flip_tta=cfg.train.flip_tta,
@@ -196,7 +196,7 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
                          pin_memory=on_cuda, weights=weights)
 
     # model, optimizer, schedule
-    model = create_model(cfg.model.name, **cfg.model.kwargs()).to(device)
+    model = create_model(cfg.model.name, **cfg.model_kwargs()).to(device)
     if on_cuda and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
@@ -235,11 +235,14 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
             heatmaps, keypoints = heatmaps.to(device), keypoints.to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 pred = model(images)
-            pred = pred.float()
+            pred, mask_logits = split_mask(pred.float())
             coords = decode_coords(pred, codec, beta=cfg.train.softargmax_beta,
                                    pairing=cfg.train.pairing)
+            mask = None
+            if mask_logits is not None:
+                mask = (mask_logits, *codec.encode_head_region(keypoints))
             loss, terms = biometry_loss(pred, heatmaps, coords, keypoints, cfg.loss,
-                                        coord_scale=float(cfg.input_hw[1]))
+                                        coord_scale=float(cfg.input_hw[1]), mask=mask)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss ({loss.item()}) at epoch "
                                          f"{epoch}; lower train.lr or check the data")

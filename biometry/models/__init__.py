@@ -18,6 +18,7 @@ from biometry.models._registry import (
     list_models,
     model_info,
     register_model,
+    split_mask,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "list_models",
     "model_info",
     "register_model",
+    "split_mask",
 ]

@@ -100,6 +100,9 @@ class ModelConfig:
             must be divisible by it; the output is ``(B, num_keypoints, H // s, W // s)``.
         norm: ``"group"`` (GroupNorm, default: independent of batch size, same in train and eval)
             or ``"batch"`` (BatchNorm: a little faster, foldable into the conv for inference).
+        mask_head: one more output channel after the heatmaps: logits of the head region (the
+            ellipse the four landmarks span), trained by the loss's mask term; split it off with
+            :func:`split_mask`.
     """
 
     in_channels: int = 1
@@ -108,6 +111,7 @@ class ModelConfig:
     depth: int = 4
     output_stride: int = 1
     norm: str = "group"
+    mask_head: bool = False
 
     def __post_init__(self) -> None:
         check_int("in_channels", self.in_channels, low=1)
@@ -118,6 +122,24 @@ class ModelConfig:
             raise ValueError(f"output_stride must be one of 1, 2, 4 but got {self.output_stride!r}.")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of 'batch', 'group' but got {self.norm!r}.")
+        if not isinstance(self.mask_head, bool):
+            raise ValueError(f"mask_head must be True or False but got {self.mask_head!r}.")
+
+    @property
+    def out_channels(self) -> int:
+        """``num_keypoints`` heatmaps, plus the head-region logits with ``mask_head``."""
+        return self.num_keypoints + int(self.mask_head)
+
+
+def split_mask(output: torch.Tensor, num_keypoints: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, C, h, w) model output -> ((B, num_keypoints, h, w) heatmaps, (B, h, w) head-region
+    logits, or None for a model without ``mask_head``)."""
+    if output.shape[1] == num_keypoints:
+        return output, None
+    if output.shape[1] != num_keypoints + 1:
+        raise ValueError(f"model output must have {num_keypoints} heatmaps and at most one mask "
+                         f"channel but got {output.shape[1]} channels.")
+    return output[:, :num_keypoints], output[:, num_keypoints]
 
 
 def make_config(cls: type, model: str, kwargs: dict[str, Any]):

@@ -147,7 +147,8 @@ class Stage(nn.Module):
 class HRNetCompact(nn.Module):
     """Compact HRNet heatmap regressor: parallel multi-resolution branches with repeated fusion.
 
-    ``forward(x: (B, in_channels, H, W)) -> (B, num_keypoints, H // s, W // s)`` raw heatmaps.
+    ``forward(x: (B, in_channels, H, W)) -> (B, out_channels, H // s, W // s)`` raw heatmaps
+    (and the head-region logits last, with ``mask_head``).
     """
 
     def __init__(self, cfg: HRNetConfig):
@@ -168,7 +169,7 @@ class HRNetCompact(nn.Module):
             Stage(chans, n, n if k < cfg.stages - 1 else 1, cfg) for k, n in enumerate(counts)
         )
         self.head = nn.Sequential(
-            ConvNormAct(cfg.width, cfg.width, norm=cfg.norm), head_conv(cfg.width, cfg.num_keypoints)
+            ConvNormAct(cfg.width, cfg.width, norm=cfg.norm), head_conv(cfg.width, cfg.out_channels)
         )
         init_weights(self)
 

@@ -88,6 +88,7 @@ class UNet(nn.Module):
 
     ``forward(x: (B, in_channels, H, W)) -> (B, num_keypoints, H // s, W // s)`` raw heatmaps.
     With ``heads=2`` each decoder makes ``num_keypoints // 2`` heatmaps (BPD1, BPD2 | OFD1, OFD2).
+    With ``mask_head`` the last decoder also makes the head-region logits (the last channel).
     """
 
     def __init__(self, cfg: UNetConfig, *, heads: int = 1):
@@ -101,7 +102,8 @@ class UNet(nn.Module):
         self.pad_multiple = 2**cfg.depth
         self.encoder = Encoder(cfg)
         per_head = cfg.num_keypoints // heads
-        self.decoders = nn.ModuleList(Decoder(cfg, per_head) for _ in range(heads))
+        extra = [0] * (heads - 1) + [int(cfg.mask_head)]
+        self.decoders = nn.ModuleList(Decoder(cfg, per_head + e) for e in extra)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
