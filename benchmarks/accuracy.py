@@ -37,6 +37,8 @@ def main() -> int:
                    help="continue the search --name (a finished one: only what follows it, the "
                         "final retrain), then evaluate")
     p.add_argument("--flip-tta", action="store_true")
+    p.add_argument("--mask-fallback", type=float, default=None, metavar="T",
+                   help="evaluate with this mask fallback (default: the model's setting)")
     args = p.parse_args()
 
     run_dir = Path(args.out) / args.name
@@ -56,8 +58,7 @@ def main() -> int:
     eval_dir = run_dir / "test-eval"
     eval_cmd = [sys.executable, "-m", "biometry", "evaluate", "--model", model,
                 "--data", args.data, "--split", "test", "--out", str(eval_dir)]
-    if args.flip_tta:
-        eval_cmd.append("--flip-tta")
+    eval_cmd += inference_flags(args)
     subprocess.run(eval_cmd, cwd=REPO, check=True)
     test = json.loads((eval_dir / "summary.json").read_text())
     base = evaluate_base_trial(run_dir, search, args)
@@ -123,6 +124,14 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def inference_flags(args) -> list[str]:
+    """The evaluate options this benchmark passes on to every evaluation."""
+    flags = ["--flip-tta"] if args.flip_tta else []
+    if args.mask_fallback is not None:
+        flags += ["--mask-fallback", str(args.mask_fallback)]
+    return flags
+
+
 def evaluate_base_trial(run_dir: Path, search: dict, args) -> dict | None:
     """The search's first trial is the preset's own config (enqueued): evaluate its best
     checkpoint on the test split too, so the JSON says what the search added over it."""
@@ -141,8 +150,8 @@ def evaluate_base_trial(run_dir: Path, search: dict, args) -> dict | None:
                 "note": "the preset's own config was the search's best; see test"}
     out = run_dir / "test-eval-base"
     subprocess.run([sys.executable, "-m", "biometry", "evaluate", "--model", str(checkpoint),
-                    "--data", args.data, "--split", "test", "--out", str(out), "--atlas", "0"],
-                   cwd=REPO, check=True)
+                    "--data", args.data, "--split", "test", "--out", str(out), "--atlas", "0",
+                    *inference_flags(args)], cwd=REPO, check=True)
     summary = json.loads((out / "summary.json").read_text())
     import yaml
 

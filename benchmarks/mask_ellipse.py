@@ -6,7 +6,9 @@ For a model trained with ``loss.mask_weight`` (a ``mask_head`` channel), each im
 own subject split is measured twice: by the landmarks (``LandmarkPredictor.predict``, the path
 ``evaluate`` uses, second looks included) and by an ellipse fitted (OpenCV) to the mask channel of
 the first look, its axes taken as OFD and BPD. A hybrid keeps the landmarks unless the two HCs
-disagree by more than a fraction ``t`` of the mask's, and then takes the mask's ellipse. Prints
+disagree by more than a fraction ``t`` of the mask's, and then takes the mask's ellipse (the first
+look's mask only; ``LandmarkPredictor``'s fallback also asks a second look's mask to agree, see
+docs/experiments.md, "the mask as a measurement"). Prints
 BPD/OFD/HC errors in mm per variant (all heads, heads under 100 mm HC, images off by more than
 20 mm) and writes ``benchmarks/results/mask_ellipse_NAME.json``. The test split is never read.
 """
@@ -17,7 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine_info  # noqa: E402
 from biometry.evaluation import select_split  # noqa: E402
-from biometry.inference import LandmarkPredictor  # noqa: E402
+from biometry.inference import LandmarkPredictor, mask_ellipse_landmarks  # noqa: E402
 from biometry.io import import_dataset, read_grayscale  # noqa: E402
 from biometry.metrics import measurements_mm, per_image_errors  # noqa: E402
 from biometry.models import split_mask  # noqa: E402
@@ -34,30 +35,6 @@ from biometry.transforms import letterbox, zscore  # noqa: E402
 
 THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3)
 EARLY_HC_MM = 100.0
-
-
-def mask_ellipse_landmarks(logits: np.ndarray, stride: int) -> np.ndarray | None:
-    """(h, w) head-region logits -> (4, 2) BPD1, BPD2, OFD1, OFD2 in input pixels, or None when
-    the mask is empty. The logits are up-sampled to input pixels (bilinear; the codec's pixel
-    centres) before thresholding at 0, and each fitted axis gets one pixel back: a contour runs
-    through the centres of the boundary pixels, half a pixel inside the edge on either side."""
-    h, w = logits.shape
-    full = cv2.resize(logits.astype(np.float32), (w * stride, h * stride),
-                      interpolation=cv2.INTER_LINEAR)
-    contours, _ = cv2.findContours((full > 0).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_NONE)
-    contours = [c for c in contours if len(c) >= 5]
-    if not contours:
-        return None
-    (cx, cy), (d1, d2), angle = cv2.fitEllipse(max(contours, key=cv2.contourArea))
-    theta = np.deg2rad(angle)
-    first = np.array([np.cos(theta), np.sin(theta)])  # direction of the axis d1
-    second = np.array([-first[1], first[0]])
-    (major, along), (minor, across) = sorted([(d1 + 1, first), (d2 + 1, second)],
-                                             key=lambda a: -a[0])
-    centre = np.array([cx, cy])
-    return np.stack([centre - minor / 2 * across, centre + minor / 2 * across,
-                     centre - major / 2 * along, centre + major / 2 * along])
 
 
 def mask_measurements(predictor: LandmarkPredictor, images: list[np.ndarray]) -> np.ndarray:

@@ -1,14 +1,15 @@
 """Scale stress test on the validation split: how a model measures heads smaller in the frame.
 
     python benchmarks/zoom_stress.py --model runs/NAME/best --zooms 1.0 0.7 0.5 [--name NAME]
-        [--second-look-quantile Q]
+        [--second-look-quantile Q] [--mask-fallback T]
 
 Each validation image of the model's own subject split is shrunk by a factor and centred on a
 black frame of the original size (the head gets smaller in the frame, as in zoomed-out scans);
 labels move with it and the pixel spacing is divided by the factor, so errors stay in mm. The
 test split is never read. ``--second-look-quantile Q`` replaces the model's second-look range by
 the [Q, 1 - Q] quantiles of its own training split's heads (0: no second look), to compare the
-option on one set of weights. Writes ``benchmarks/results/zoom_stress_NAME.json``.
+option on one set of weights; ``--mask-fallback T`` sets the model's fallback to its mask's
+ellipse. Writes ``benchmarks/results/zoom_stress_NAME.json``.
 """
 from __future__ import annotations
 
@@ -54,9 +55,11 @@ def main() -> int:
     p.add_argument("--name", default=None, help="results name (default: the model folder's parent)")
     p.add_argument("--second-look-quantile", type=float, default=None,
                    help="override the model's second-look range (0 = off)")
+    p.add_argument("--mask-fallback", type=float, default=None,
+                   help="override the model's fallback to its mask's ellipse")
     args = p.parse_args()
 
-    predictor = LandmarkPredictor.from_folder(args.model)
+    predictor = LandmarkPredictor.from_folder(args.model, mask_fallback=args.mask_fallback)
     all_records = import_dataset(args.data).records
     records = select_split(all_records, predictor.spec, "val", data=args.data)
     if args.second_look_quantile is not None:
@@ -87,6 +90,7 @@ def main() -> int:
     out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                                "model": str(Path(args.model).resolve()), "machine": machine_info(),
                                "head_scale": predictor.spec.head_scale,
+                               "mask_fallback": predictor.mask_fallback,
                                "results": rows}, indent=2))
     print(f"wrote {out}")
     return 0

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import yaml
@@ -23,7 +24,7 @@ from biometry.codec import (
 )
 from biometry.errors import BiometryInputError
 from biometry.models import create_model, split_mask
-from biometry.geometry import diameter_lengths
+from biometry.geometry import diameter_lengths, ellipse_perimeter
 from biometry.records import BPD, OFD
 from biometry.transforms import Letterbox, Orientation, letterbox, zoom_to, zscore
 from biometry.uncertainty import image_uncertainty
@@ -48,6 +49,9 @@ class ModelSpec:
     # OFD length in input pixels: {"low", "high", "target"}; a head measured outside [low, high] on
     # the first look is measured again rendered at "target" (see LandmarkPredictor.predict)
     head_scale: dict[str, float] = field(default_factory=dict)
+    # a model with a mask channel: an image whose landmark HC and the HC of the ellipse fitted to
+    # the mask (first look) differ by more than this fraction is measured by the mask's ellipse
+    mask_fallback: float | None = None
     uncertainty_threshold: float | None = None
     coverage_target: float = 0.9
     metrics: dict[str, float] = field(default_factory=dict)
@@ -94,6 +98,11 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
         raise BiometryInputError(f"{spec_path}: {err}") from None
     spec.input_hw = tuple(spec.input_hw)
     _check_head_scale(spec_path, spec.head_scale)
+    fallback = spec.mask_fallback
+    if fallback is not None and not (isinstance(fallback, (int, float))
+                                     and not isinstance(fallback, bool) and fallback >= 0):
+        raise BiometryInputError(f"{spec_path}: 'mask_fallback' must be empty or a number >= 0 "
+                                 f"but got {fallback!r}")
     return spec
 
 
@@ -199,24 +208,28 @@ class LandmarkPredictor:
     """
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, *, device: str | torch.device = "cpu",
-                 flip_tta: bool | None = None):
+                 flip_tta: bool | None = None, mask_fallback: float | None = None):
         self.model = model.eval()
         self.spec = spec
         self.device = torch.device(device)
         self.codec = spec.codec()
         self.orientation = Orientation.from_dict(spec.orientation)
         self.flip_tta = spec.flip_tta if flip_tta is None else flip_tta
+        self.mask_fallback = spec.mask_fallback if mask_fallback is None else mask_fallback
+        self._last_masks: list = []  # head-region logits of the last predict_input batch
 
     @classmethod
-    def from_folder(cls, folder: str | Path, *, device: str = "cpu", flip_tta: bool | None = None):
+    def from_folder(cls, folder: str | Path, *, device: str = "cpu", flip_tta: bool | None = None,
+                    mask_fallback: float | None = None):
         model, spec = load_model_folder(folder, device=device)
-        return cls(model, spec, device=device, flip_tta=flip_tta)
+        return cls(model, spec, device=device, flip_tta=flip_tta, mask_fallback=mask_fallback)
 
     @torch.no_grad()
     def predict_input(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, 1, H, W) z-scored input -> (coords (B, 4, 2) input px, uncertainty (B,))."""
         batch = batch.to(self.device)
-        heatmaps = split_mask(self.model(batch).float())[0]
+        heatmaps, mask = split_mask(self.model(batch).float())
+        self._last_masks = [] if mask is None else list(mask.cpu().numpy())
         coords, uncertainty = decode_heatmaps(heatmaps, self.codec, beta=self.spec.softargmax_beta,
                                               pairing=self.spec.pairing, decode=self.spec.decode)
         coords = self.orientation.apply(coords.cpu().numpy())
@@ -247,31 +260,68 @@ class LandmarkPredictor:
         """
         first = letterboxed or [letterbox(img, None, self.spec.input_hw)[::2] for img in images]
         boxes = [box for _, box in first]
-        coords, uncertainty = self._predict_boxed(first, batch_size)
+        coords, uncertainty, masks = self._predict_boxed(first, batch_size, keep_masks=True)
         pending = np.flatnonzero(self.needs_second_look(coords, boxes))
         estimate = coords.copy()
+        kept_masks, kept_boxes = list(masks), list(boxes)  # the look the landmarks come from
         for _ in range(SECOND_LOOKS):
             if len(pending) == 0:
                 break
             looks = [self._second_look(images[i], estimate[i], boxes[i]) for i in pending]
-            found, found_unc = self._predict_boxed(looks, batch_size)
+            found, found_unc, found_masks = self._predict_boxed(looks, batch_size, keep_masks=True)
             agrees = self._agrees_with_scale(found, [box for _, box in looks])
             coords[pending[agrees]] = found[agrees]
             uncertainty[pending[agrees]] = found_unc[agrees]
+            for j in np.flatnonzero(agrees) if masks else ():
+                kept_masks[pending[j]], kept_boxes[pending[j]] = found_masks[j], looks[j][1]
             estimate[pending] = found
             pending = pending[~agrees]
+        if self.mask_fallback is not None and masks:
+            coords = self._fall_back_to_mask(coords, list(zip(masks, boxes)),
+                                             list(zip(kept_masks, kept_boxes)))
         return coords, uncertainty
 
-    def _predict_boxed(self, boxed: list, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """[(input image, Letterbox)] -> (coords (N, 4, 2) original px, uncertainty (N,))."""
-        coords, uncertainty = [], []
+    def _fall_back_to_mask(self, coords: np.ndarray, first: list, kept: list) -> np.ndarray:
+        """Give each image whose landmarks' HC differs from the HC of its first look's mask
+        ellipse by more than ``mask_fallback`` (a fraction of the mask's) that ellipse's axis
+        endpoints (docs/experiments.md, "the mask as a measurement").
+
+        ``first`` and ``kept``: (head-region logits, Letterbox) of the first look and of the look
+        the landmarks were kept from. Where they differ (a second look), the first look's mask
+        is trusted only if the kept look's mask agrees with it to the same fraction: a head small
+        in the frame gets a coarse first-look mask, and the second look's disagrees with it.
+        """
+        out = coords.copy()
+        t = self.mask_fallback
+        for i, ((logits, box), (kept_logits, kept_box)) in enumerate(zip(first, kept)):
+            points = mask_ellipse_landmarks(logits, self.codec.stride)
+            if points is None:
+                continue
+            points = box.to_original(points)
+            hc_mask, hc_landmarks = _perimeters(np.stack([points, coords[i]]))
+            if kept_box is not box:
+                other = mask_ellipse_landmarks(kept_logits, self.codec.stride)
+                if other is None or abs(_perimeters(kept_box.to_original(other)[None])[0]
+                                        - hc_mask) > t * hc_mask:
+                    continue
+            if abs(hc_landmarks - hc_mask) > t * hc_mask:
+                out[i] = match_pairs(points[None], coords[i][None])[0]
+        return out
+
+    def _predict_boxed(self, boxed: list, batch_size: int, *, keep_masks: bool = False):
+        """[(input image, Letterbox)] -> (coords (N, 4, 2) original px, uncertainty (N,)), plus
+        the head-region logits of each image (an empty list without a mask channel) when
+        ``keep_masks``."""
+        coords, uncertainty, masks = [], [], []
         for start in range(0, len(boxed), batch_size):
             chunk = boxed[start:start + batch_size]
             batch = torch.from_numpy(np.stack([zscore(image) for image, _ in chunk]))[:, None]
             pred, unc = self.predict_input(batch)
             coords.extend(box.to_original(pred[i]) for i, (_, box) in enumerate(chunk))
             uncertainty.append(unc)
-        return np.stack(coords), np.concatenate(uncertainty).astype(np.float64)
+            masks.extend(self._last_masks)
+        result = np.stack(coords), np.concatenate(uncertainty).astype(np.float64)
+        return (*result, masks) if keep_masks else result
 
     @staticmethod
     def _input_ofd(coords: np.ndarray, boxes: list) -> np.ndarray:
@@ -305,6 +355,39 @@ class LandmarkPredictor:
         if threshold is None:
             return np.zeros(len(uncertainty), dtype=int)
         return (np.asarray(uncertainty) > threshold).astype(int)
+
+
+def _perimeters(landmarks: np.ndarray) -> np.ndarray:
+    """(N, 4, 2) -> (N,) perimeters of the BPD x OFD ellipses, in the landmarks' pixels."""
+    bpd, ofd = diameter_lengths(landmarks)
+    return ellipse_perimeter(ofd, bpd)
+
+
+def mask_ellipse_landmarks(logits: np.ndarray, stride: int) -> np.ndarray | None:
+    """(h, w) head-region logits -> (4, 2) BPD1, BPD2, OFD1, OFD2 of the ellipse fitted (OpenCV)
+    to the largest region above 0, in input pixels; None when there is none.
+
+    The logits are up-sampled to input pixels first (bilinear, which keeps the codec's pixel
+    centres), and each fitted axis gets one pixel back: a contour runs through the centres of the
+    boundary pixels, half a pixel inside the edge on either side.
+    """
+    h, w = logits.shape
+    full = cv2.resize(np.asarray(logits, dtype=np.float32), (w * stride, h * stride),
+                      interpolation=cv2.INTER_LINEAR)
+    contours, _ = cv2.findContours((full > 0).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_NONE)
+    contours = [c for c in contours if len(c) >= 5]
+    if not contours:
+        return None
+    (cx, cy), (d1, d2), angle = cv2.fitEllipse(max(contours, key=cv2.contourArea))
+    theta = np.deg2rad(angle)
+    first = np.array([np.cos(theta), np.sin(theta)])  # the direction of the axis d1
+    second = np.array([-first[1], first[0]])
+    (major, along), (minor, across) = sorted([(d1 + 1, first), (d2 + 1, second)],
+                                             key=lambda axis: -axis[0])
+    centre = np.array([cx, cy])
+    return np.stack([centre - minor / 2 * across, centre + minor / 2 * across,
+                     centre - major / 2 * along, centre + major / 2 * along])
 
 
 def match_pairs(points: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -91,6 +91,9 @@ class TrainConfig:
     # draw training images so that head sizes (HC in mm) are more even: count(bin) ** -power,
     # 0 = the split's own mix, 1 = every HC bin equally (trainables.data.head_size_weights)
     balance_head_size: float = 0.0
+    # with loss.mask_weight: measure an image by its mask's fitted ellipse when the landmarks' HC
+    # differs from it by more than this fraction (biometry.inference.ModelSpec.mask_fallback)
+    mask_fallback: float | None = None
     num_workers: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -120,6 +123,8 @@ class TrainConfig:
                "must be in [0, 0.5)", self.second_look_quantile)
         _check(0 <= self.balance_head_size <= 1, "train.balance_head_size", "must be in [0, 1]",
                self.balance_head_size)
+        _check(self.mask_fallback is None or self.mask_fallback >= 0, "train.mask_fallback",
+               "must be null or >= 0", self.mask_fallback)
         _check(self.num_workers >= 0, "train.num_workers", "cannot be negative", self.num_workers)
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda",
                self.device)

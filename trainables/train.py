@@ -180,6 +180,7 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
                      pairing=cfg.train.pairing, decode=cfg.train.decode,
                      head_scale=head_scale_range(diameter_lengths(data.train.landmarks)[1],
                                                  cfg.train.second_look_quantile),
+                     mask_fallback=cfg.train.mask_fallback if cfg.loss.mask_weight > 0 else None,
                      coverage_target=cfg.train.coverage_target,
                      data={"source": data.source, "split_seed": cfg.data.split_seed,
                            "val_fraction": cfg.data.val_fraction,

@@ -30,11 +30,25 @@ ATLAS_SIZE = 10
 SPLITS = ("all", "train", "val", "test")  # as biometry.evaluation.SPLITS
 
 
+def mask_fallback_option(args) -> float | None:
+    """``--mask-fallback``, checked: a finite number >= 0, or None for the model's setting."""
+    import math
+
+    value = getattr(args, "mask_fallback", None)
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise BiometryInputError(f"--mask-fallback must be a number >= 0 but got {value}")
+    return value
+
+
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``evaluate`` and ``predict``: how the model is run."""
     parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the horizontally flipped input (default: the model's "
                              "setting)")
+    parser.add_argument("--mask-fallback", type=float, default=None, metavar="T",
+                        help="a model with a mask channel: measure an image by the ellipse fitted "
+                             "to its mask when the landmarks' HC differs from it by more than the "
+                             "fraction T (default: the model's setting)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N",
                         help="images per forward pass (default 16)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
@@ -75,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from biometry.io import import_dataset
 
     predictor = LandmarkPredictor.from_folder(args.model, device=resolve_device(args.device),
-                                              flip_tta=args.flip_tta)
+                                              flip_tta=args.flip_tta,
+                                              mask_fallback=mask_fallback_option(args))
     imported = import_dataset(args.data, skip_bad=args.skip_bad)
     records = select_split(imported.records, predictor.spec, args.split, data=args.data,
                            skipped=len(imported.skipped))
@@ -88,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
                                      "model": str(Path(args.model).resolve()),
                                      "data": str(args.data), "split": args.split,
                                      "flip_tta": bool(predictor.flip_tta),
+                                     "mask_fallback": predictor.mask_fallback,
                                      "skipped": len(imported.skipped)})
 
     out = Path(args.out)

@@ -16,7 +16,9 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from biometry.commands.evaluate import add_inference_arguments, check_model_folder, resolve_device
+from biometry.commands.evaluate import (
+    add_inference_arguments, check_model_folder, mask_fallback_option, resolve_device,
+)
 from biometry.errors import BiometryInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     spacing = read_pixel_mm(args.pixel_mm, names)
     check_model_folder(args.model)
     predictor = LandmarkPredictor.from_folder(args.model, device=resolve_device(args.device),
-                                              flip_tta=args.flip_tta)
+                                              flip_tta=args.flip_tta,
+                                              mask_fallback=mask_fallback_option(args))
     paths = [args.images / name for name in names]
     check_images(paths)
 

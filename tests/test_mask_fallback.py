@@ -1,0 +1,107 @@
+"""The head-region mask as a second measurement: the ellipse fitted to a mask channel, and the
+predictor's fallback to it where the landmarks disagree (``ModelSpec.mask_fallback``)."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from biometry.codec import HeatmapCodec
+from biometry.geometry import diameter_lengths
+from biometry.inference import LandmarkPredictor, ModelSpec, mask_ellipse_landmarks
+from biometry.transforms import Orientation
+
+INPUT_HW = (64, 96)
+STRIDE = 2
+
+
+def ellipse_points(centre, ofd, bpd, degrees):
+    """BPD1, BPD2, OFD1, OFD2 of an ellipse with full axes ``ofd`` > ``bpd`` (input pixels)."""
+    t = np.deg2rad(degrees)
+    along, across = np.array([np.cos(t), np.sin(t)]), np.array([-np.sin(t), np.cos(t)])
+    c = np.asarray(centre, dtype=float)
+    return np.stack([c - bpd / 2 * across, c + bpd / 2 * across,
+                     c - ofd / 2 * along, c + ofd / 2 * along])
+
+
+def logits_of(codec, points, *, gain=8.0):
+    mask, _ = codec.encode_head_region(torch.tensor(points[None]))
+    return (gain * (2 * mask[0] - 1)).numpy()
+
+
+def test_fitted_ellipse_recovers_the_axes_and_their_direction():
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=STRIDE, sigma=2.0)
+    true = ellipse_points((48, 32), ofd=60, bpd=40, degrees=20)
+    fitted = mask_ellipse_landmarks(logits_of(codec, true), STRIDE)
+    bpd, ofd = diameter_lengths(fitted)
+    assert ofd == pytest.approx(60, abs=1.5) and bpd == pytest.approx(40, abs=1.5)
+    direction = fitted[3] - fitted[2]
+    angle = np.rad2deg(np.arctan2(direction[1], direction[0])) % 180
+    assert angle == pytest.approx(20, abs=3)
+    assert fitted.mean(axis=0) == pytest.approx([48, 32], abs=1.0)
+    assert mask_ellipse_landmarks(np.full((32, 48), -5.0), STRIDE) is None  # nothing above 0
+
+
+class FixedOutput(torch.nn.Module):
+    """A model whose output is given: four heatmaps of ``landmarks`` and the mask of ``region``."""
+
+    def __init__(self, codec, landmarks, region):
+        super().__init__()
+        maps = torch.from_numpy(codec.encode(landmarks))
+        self.register_buffer("output", torch.cat([maps, torch.from_numpy(
+            logits_of(codec, region))[None]])[None])
+
+    def forward(self, x):
+        return self.output.expand(len(x), -1, -1, -1)
+
+
+def predictor_for(landmarks, region, **options):
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=STRIDE, sigma=2.0)
+    spec = ModelSpec(architecture="fixed", model_kwargs={}, input_hw=INPUT_HW, stride=STRIDE,
+                     sigma=2.0, softargmax_beta=20.0, decode="window",
+                     orientation=Orientation.fit(landmarks[None]).to_dict())
+    return LandmarkPredictor(FixedOutput(codec, landmarks, region), spec, **options)
+
+
+def test_landmarks_that_disagree_with_the_mask_are_replaced_by_its_ellipse():
+    image = np.full(INPUT_HW, 100, dtype=np.uint8)  # letterboxed 1:1, so input px = original px
+    head = ellipse_points((48, 32), ofd=60, bpd=44, degrees=10)
+    shortened = ellipse_points((48, 32), ofd=40, bpd=30, degrees=10)  # endpoints inside the skull
+
+    kept, _ = predictor_for(shortened, head).predict([image])  # no fallback: the landmarks
+    assert diameter_lengths(kept[0])[1] == pytest.approx(40, abs=1.0)
+    replaced, _ = predictor_for(shortened, head, mask_fallback=0.05).predict([image])
+    bpd, ofd = diameter_lengths(replaced[0])
+    assert ofd == pytest.approx(60, abs=1.5) and bpd == pytest.approx(44, abs=1.5)
+
+    close = ellipse_points((48, 32), ofd=59, bpd=43, degrees=10)  # within 5%: landmarks stay
+    agreed, _ = predictor_for(close, head, mask_fallback=0.05).predict([image])
+    assert diameter_lengths(agreed[0])[1] == pytest.approx(59, abs=1.0)
+
+
+def test_evaluate_refuses_a_negative_mask_fallback():
+    from biometry.commands.evaluate import mask_fallback_option
+    from biometry.errors import BiometryInputError
+
+    with pytest.raises(BiometryInputError, match="--mask-fallback must be a number >= 0 but got -0.1"):
+        mask_fallback_option(argparse.Namespace(mask_fallback=-0.1))
+    assert mask_fallback_option(argparse.Namespace(mask_fallback=None)) is None
+
+
+def test_after_a_second_look_the_first_mask_is_trusted_only_where_the_second_agrees():
+    """The fixed model gives the same maps at every look, so a second look rendered 1.4x larger
+    sees a mask 1.4x smaller in original pixels: the two masks disagree, and the landmarks of
+    the kept (second) look stay although they disagree with the first look's mask."""
+    image = np.full(INPUT_HW, 100, dtype=np.uint8)
+    head = ellipse_points((48, 32), ofd=60, bpd=44, degrees=10)
+    shortened = ellipse_points((48, 32), ofd=40, bpd=30, degrees=10)
+    predictor = predictor_for(shortened, head, mask_fallback=0.05)
+    # OFD 40 input px is below "low": a second look at 56 / 40 = 1.4x, kept (within tolerance)
+    predictor.spec.head_scale = {"low": 50.0, "target": 56.0, "high": 70.0, "tolerance": 0.5}
+    coords, _ = predictor.predict([image])
+    assert diameter_lengths(coords[0])[1] == pytest.approx(40 / 1.4, abs=1.0)
+    predictor.spec.head_scale = {}  # one look only: its mask is trusted
+    coords, _ = predictor.predict([image])
+    assert diameter_lengths(coords[0])[1] == pytest.approx(60, abs=1.5)
