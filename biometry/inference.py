@@ -216,7 +216,6 @@ class LandmarkPredictor:
         self.orientation = Orientation.from_dict(spec.orientation)
         self.flip_tta = spec.flip_tta if flip_tta is None else flip_tta
         self.mask_fallback = spec.mask_fallback if mask_fallback is None else mask_fallback
-        self._last_masks: list = []  # head-region logits of the last predict_input batch
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, device: str = "cpu", flip_tta: bool | None = None,
@@ -224,12 +223,17 @@ class LandmarkPredictor:
         model, spec = load_model_folder(folder, device=device)
         return cls(model, spec, device=device, flip_tta=flip_tta, mask_fallback=mask_fallback)
 
-    @torch.no_grad()
     def predict_input(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, 1, H, W) z-scored input -> (coords (B, 4, 2) input px, uncertainty (B,))."""
+        return self._forward(batch)[:2]
+
+    @torch.no_grad()
+    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, list]:
+        """``predict_input`` plus the head-region logits of each image (an empty list for a
+        model without a mask channel)."""
         batch = batch.to(self.device)
         heatmaps, mask = split_mask(self.model(batch).float())
-        self._last_masks = [] if mask is None else list(mask.cpu().numpy())
+        masks = [] if mask is None else list(mask.cpu().numpy())
         coords, uncertainty = decode_heatmaps(heatmaps, self.codec, beta=self.spec.softargmax_beta,
                                               pairing=self.spec.pairing, decode=self.spec.decode)
         coords = self.orientation.apply(coords.cpu().numpy())
@@ -241,7 +245,7 @@ class LandmarkPredictor:
             coords_f = coords_f.cpu().numpy()
             coords_f[..., 0] = self.spec.input_hw[1] - 1 - coords_f[..., 0]
             coords = 0.5 * (coords + match_pairs(coords_f, coords))
-        return coords, uncertainty
+        return coords, uncertainty, masks
 
     def predict(self, images: list[np.ndarray], *, batch_size: int = 16,
                 letterboxed: list[tuple[np.ndarray, Letterbox]] | None = None):
@@ -316,10 +320,10 @@ class LandmarkPredictor:
         for start in range(0, len(boxed), batch_size):
             chunk = boxed[start:start + batch_size]
             batch = torch.from_numpy(np.stack([zscore(image) for image, _ in chunk]))[:, None]
-            pred, unc = self.predict_input(batch)
+            pred, unc, chunk_masks = self._forward(batch)
             coords.extend(box.to_original(pred[i]) for i, (_, box) in enumerate(chunk))
             uncertainty.append(unc)
-            masks.extend(self._last_masks)
+            masks.extend(chunk_masks)
         result = np.stack(coords), np.concatenate(uncertainty).astype(np.float64)
         return (*result, masks) if keep_masks else result
 
