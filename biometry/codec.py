@@ -295,7 +295,7 @@ class HeatmapCodec:
         valid = torch.isfinite(pts).all(dim=(1, 2)) & (semi_minor > 0) & (semi_major > 0)
         pts = torch.where(valid[:, None, None], pts, torch.zeros_like(pts))
         centre = pts.mean(dim=1)  # (B, 2)
-        along = ofd / semi_major.clamp_min(1e-6)[:, None] / 2  # unit OFD direction
+        along = ofd / (2 * semi_major).clamp_min(1e-6)[:, None]  # unit OFD direction
         h, w = self.heatmap_hw
         ys, xs = torch.meshgrid(torch.arange(h, device=pts.device, dtype=pts.dtype),
                                 torch.arange(w, device=pts.device, dtype=pts.dtype), indexing="ij")

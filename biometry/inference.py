@@ -24,7 +24,8 @@ from biometry.codec import (
 )
 from biometry.errors import BiometryInputError
 from biometry.models import create_model, split_mask
-from biometry.geometry import diameter_lengths, ellipse_perimeter
+from biometry.geometry import diameter_lengths, ellipse_landmarks
+from biometry.metrics import measurements_mm
 from biometry.records import BPD, OFD
 from biometry.transforms import Letterbox, Orientation, letterbox, zoom_to, zscore
 from biometry.uncertainty import image_uncertainty
@@ -228,12 +229,12 @@ class LandmarkPredictor:
         return self._forward(batch)[:2]
 
     @torch.no_grad()
-    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, list]:
-        """``predict_input`` plus the head-region logits of each image (an empty list for a
-        model without a mask channel)."""
+    def _forward(self, batch: torch.Tensor, *, with_masks: bool = False):
+        """``predict_input`` plus, ``with_masks``, the head-region logits of each image (an
+        empty list for a model without a mask channel)."""
         batch = batch.to(self.device)
         heatmaps, mask = split_mask(self.model(batch).float())
-        masks = [] if mask is None else list(mask.cpu().numpy())
+        masks = [] if mask is None or not with_masks else list(mask.cpu().numpy())
         coords, uncertainty = decode_heatmaps(heatmaps, self.codec, beta=self.spec.softargmax_beta,
                                               pairing=self.spec.pairing, decode=self.spec.decode)
         coords = self.orientation.apply(coords.cpu().numpy())
@@ -264,7 +265,8 @@ class LandmarkPredictor:
         """
         first = letterboxed or [letterbox(img, None, self.spec.input_hw)[::2] for img in images]
         boxes = [box for _, box in first]
-        coords, uncertainty, masks = self._predict_boxed(first, batch_size, keep_masks=True)
+        fallback = self.mask_fallback is not None
+        coords, uncertainty, masks = self._predict_boxed(first, batch_size, keep_masks=fallback)
         pending = np.flatnonzero(self.needs_second_look(coords, boxes))
         estimate = coords.copy()
         kept_masks, kept_boxes = list(masks), list(boxes)  # the look the landmarks come from
@@ -272,7 +274,8 @@ class LandmarkPredictor:
             if len(pending) == 0:
                 break
             looks = [self._second_look(images[i], estimate[i], boxes[i]) for i in pending]
-            found, found_unc, found_masks = self._predict_boxed(looks, batch_size, keep_masks=True)
+            found, found_unc, found_masks = self._predict_boxed(looks, batch_size,
+                                                                keep_masks=fallback)
             agrees = self._agrees_with_scale(found, [box for _, box in looks])
             coords[pending[agrees]] = found[agrees]
             uncertainty[pending[agrees]] = found_unc[agrees]
@@ -280,7 +283,7 @@ class LandmarkPredictor:
                 kept_masks[pending[j]], kept_boxes[pending[j]] = found_masks[j], looks[j][1]
             estimate[pending] = found
             pending = pending[~agrees]
-        if self.mask_fallback is not None and masks:
+        if masks:
             coords = self._fall_back_to_mask(coords, list(zip(masks, boxes)),
                                              list(zip(kept_masks, kept_boxes)))
         return coords, uncertainty
@@ -302,30 +305,29 @@ class LandmarkPredictor:
             if points is None:
                 continue
             points = box.to_original(points)
-            hc_mask, hc_landmarks = _perimeters(np.stack([points, coords[i]]))
+            hc_mask, hc_landmarks = measurements_mm(np.stack([points, coords[i]]), 1.0)["hc"]
             if kept_box is not box:
                 other = mask_ellipse_landmarks(kept_logits, self.codec.stride)
-                if other is None or abs(_perimeters(kept_box.to_original(other)[None])[0]
-                                        - hc_mask) > t * hc_mask:
+                if other is None or abs(measurements_mm(kept_box.to_original(other)[None],
+                                                        1.0)["hc"][0] - hc_mask) > t * hc_mask:
                     continue
             if abs(hc_landmarks - hc_mask) > t * hc_mask:
                 out[i] = match_pairs(points[None], coords[i][None])[0]
         return out
 
     def _predict_boxed(self, boxed: list, batch_size: int, *, keep_masks: bool = False):
-        """[(input image, Letterbox)] -> (coords (N, 4, 2) original px, uncertainty (N,)), plus
-        the head-region logits of each image (an empty list without a mask channel) when
-        ``keep_masks``."""
+        """[(input image, Letterbox)] -> (coords (N, 4, 2) original px, uncertainty (N,), the
+        head-region logits of each image: an empty list unless ``keep_masks`` and the model has
+        a mask channel)."""
         coords, uncertainty, masks = [], [], []
         for start in range(0, len(boxed), batch_size):
             chunk = boxed[start:start + batch_size]
             batch = torch.from_numpy(np.stack([zscore(image) for image, _ in chunk]))[:, None]
-            pred, unc, chunk_masks = self._forward(batch)
+            pred, unc, chunk_masks = self._forward(batch, with_masks=keep_masks)
             coords.extend(box.to_original(pred[i]) for i, (_, box) in enumerate(chunk))
             uncertainty.append(unc)
             masks.extend(chunk_masks)
-        result = np.stack(coords), np.concatenate(uncertainty).astype(np.float64)
-        return (*result, masks) if keep_masks else result
+        return np.stack(coords), np.concatenate(uncertainty).astype(np.float64), masks
 
     @staticmethod
     def _input_ofd(coords: np.ndarray, boxes: list) -> np.ndarray:
@@ -361,12 +363,6 @@ class LandmarkPredictor:
         return (np.asarray(uncertainty) > threshold).astype(int)
 
 
-def _perimeters(landmarks: np.ndarray) -> np.ndarray:
-    """(N, 4, 2) -> (N,) perimeters of the BPD x OFD ellipses, in the landmarks' pixels."""
-    bpd, ofd = diameter_lengths(landmarks)
-    return ellipse_perimeter(ofd, bpd)
-
-
 def mask_ellipse_landmarks(logits: np.ndarray, stride: int) -> np.ndarray | None:
     """(h, w) head-region logits -> (4, 2) BPD1, BPD2, OFD1, OFD2 of the ellipse fitted (OpenCV)
     to the largest region above 0, in input pixels; None when there is none.
@@ -384,14 +380,7 @@ def mask_ellipse_landmarks(logits: np.ndarray, stride: int) -> np.ndarray | None
     if not contours:
         return None
     (cx, cy), (d1, d2), angle = cv2.fitEllipse(max(contours, key=cv2.contourArea))
-    theta = np.deg2rad(angle)
-    first = np.array([np.cos(theta), np.sin(theta)])  # the direction of the axis d1
-    second = np.array([-first[1], first[0]])
-    (major, along), (minor, across) = sorted([(d1 + 1, first), (d2 + 1, second)],
-                                             key=lambda axis: -axis[0])
-    centre = np.array([cx, cy])
-    return np.stack([centre - minor / 2 * across, centre + minor / 2 * across,
-                     centre - major / 2 * along, centre + major / 2 * along])
+    return ellipse_landmarks((cx, cy), (d1 + 1, d2 + 1), angle)
 
 
 def match_pairs(points: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -72,7 +72,7 @@ def test_only_out_of_range_heads_change_and_they_match_a_direct_look(second_look
     length = np.linalg.norm(first[i, OFD[1]] - first[i, OFD[0]])
     zoom = min(predictor.spec.head_scale["target"] / length, 4.0 * boxes[i].scale)
     rendered, box = zoom_to(images[i], centre, zoom, predictor.spec.input_hw)
-    direct, _ = predictor._predict_boxed([(rendered, box)], batch_size=1)
+    direct, *_ = predictor._predict_boxed([(rendered, box)], batch_size=1)
     np.testing.assert_allclose(with_look[i], direct[0], atol=1e-3)  # batch-size float noise
     assert np.abs(with_look[i] - first[i]).max() > 1e-3
 

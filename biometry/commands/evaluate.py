@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,6 @@ SPLITS = ("all", "train", "val", "test")  # as biometry.evaluation.SPLITS
 
 def mask_fallback_option(args) -> float | None:
     """``--mask-fallback``, checked: a finite number >= 0, or None for the model's setting."""
-    import math
-
     value = getattr(args, "mask_fallback", None)
     if value is not None and not (math.isfinite(value) and value >= 0):
         raise BiometryInputError(f"--mask-fallback must be a number >= 0 but got {value}")
