@@ -37,9 +37,13 @@ def main() -> int:
                    help="continue the search --name (a finished one: only what follows it, the "
                         "final retrain), then evaluate")
     p.add_argument("--flip-tta", action="store_true")
-    p.add_argument("--mask-fallback", type=float, default=None, metavar="T",
-                   help="evaluate with this mask fallback (default: the model's setting)")
+    p.add_argument("--mask-fallback", default=None, metavar="T",
+                   help="evaluate with this mask fallback, or 'off' (default: the model's setting)")
     args = p.parse_args()
+    sys.path.insert(0, str(REPO))
+    from biometry.commands.evaluate import mask_fallback_option
+
+    args.mask_fallback = mask_fallback_option(args)  # checked before the search, not after it
 
     run_dir = Path(args.out) / args.name
     search_cmd = [sys.executable, "search/run.py", "--data", args.data, "--preset", args.preset,

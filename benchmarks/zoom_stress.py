@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine_info  # noqa: E402
+from biometry.commands.evaluate import mask_fallback_option  # noqa: E402
 from biometry.evaluation import select_split  # noqa: E402
 from biometry.geometry import diameter_lengths  # noqa: E402
 from biometry.inference import LandmarkPredictor, head_scale_range  # noqa: E402
@@ -55,11 +56,11 @@ def main() -> int:
     p.add_argument("--name", default=None, help="results name (default: the model folder's parent)")
     p.add_argument("--second-look-quantile", type=float, default=None,
                    help="override the model's second-look range (0 = off)")
-    p.add_argument("--mask-fallback", type=float, default=None,
-                   help="override the model's fallback to its mask's ellipse")
+    p.add_argument("--mask-fallback", default=None,
+                   help="override the model's fallback to its mask's ellipse ('off': none)")
     args = p.parse_args()
 
-    predictor = LandmarkPredictor.from_folder(args.model, mask_fallback=args.mask_fallback)
+    predictor = LandmarkPredictor.from_folder(args.model, mask_fallback=mask_fallback_option(args))
     all_records = import_dataset(args.data).records
     records = select_split(all_records, predictor.spec, "val", data=args.data)
     if args.second_look_quantile is not None:

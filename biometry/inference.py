@@ -147,6 +147,8 @@ def pair_radius(codec: HeatmapCodec) -> int:
 
 
 DECODES = ("global", "window")
+# LandmarkPredictor(mask_fallback=MASK_FALLBACK_OFF): no mask fallback, whatever the model's setting
+MASK_FALLBACK_OFF = "off"
 SECOND_LOOKS = 2  # looks after the first, at most, for a head outside the training range
 # a later look agrees with its rendering when its OFD is within 25% of the target (chosen on the
 # validation split, docs/experiments.md "Scale")
@@ -209,18 +211,21 @@ class LandmarkPredictor:
     """
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, *, device: str | torch.device = "cpu",
-                 flip_tta: bool | None = None, mask_fallback: float | None = None):
+                 flip_tta: bool | None = None, mask_fallback: float | str | None = None):
         self.model = model.eval()
         self.spec = spec
         self.device = torch.device(device)
         self.codec = spec.codec()
         self.orientation = Orientation.from_dict(spec.orientation)
         self.flip_tta = spec.flip_tta if flip_tta is None else flip_tta
-        self.mask_fallback = spec.mask_fallback if mask_fallback is None else mask_fallback
+        if mask_fallback == MASK_FALLBACK_OFF:
+            self.mask_fallback = None
+        else:
+            self.mask_fallback = spec.mask_fallback if mask_fallback is None else mask_fallback
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, device: str = "cpu", flip_tta: bool | None = None,
-                    mask_fallback: float | None = None):
+                    mask_fallback: float | str | None = None):
         model, spec = load_model_folder(folder, device=device)
         return cls(model, spec, device=device, flip_tta=flip_tta, mask_fallback=mask_fallback)
 

@@ -57,11 +57,12 @@ class FixedOutput(torch.nn.Module):
         return self.output.expand(len(x), -1, -1, -1)
 
 
-def predictor_for(landmarks, region, **options):
+def predictor_for(landmarks, region, *, spec_fallback=None, **options):
     codec = HeatmapCodec(input_hw=INPUT_HW, stride=STRIDE, sigma=2.0)
     spec = ModelSpec(architecture="fixed", model_kwargs={}, input_hw=INPUT_HW, stride=STRIDE,
                      sigma=2.0, softargmax_beta=20.0, decode="window",
-                     orientation=Orientation.fit(landmarks[None]).to_dict())
+                     orientation=Orientation.fit(landmarks[None]).to_dict(),
+                     mask_fallback=spec_fallback)
     return LandmarkPredictor(FixedOutput(codec, landmarks, region), spec, **options)
 
 
@@ -81,13 +82,32 @@ def test_landmarks_that_disagree_with_the_mask_are_replaced_by_its_ellipse():
     assert diameter_lengths(agreed[0])[1] == pytest.approx(59, abs=1.0)
 
 
-def test_evaluate_refuses_a_negative_mask_fallback():
+def test_off_switches_off_the_fallback_of_a_model_that_has_one():
+    image = np.full(INPUT_HW, 100, dtype=np.uint8)
+    head = ellipse_points((48, 32), ofd=60, bpd=44, degrees=10)
+    shortened = ellipse_points((48, 32), ofd=40, bpd=30, degrees=10)
+
+    by_default, _ = predictor_for(shortened, head, spec_fallback=0.05).predict([image])
+    assert diameter_lengths(by_default[0])[1] == pytest.approx(60, abs=1.5)  # the model's 5%
+    switched_off = predictor_for(shortened, head, spec_fallback=0.05, mask_fallback="off")
+    assert switched_off.mask_fallback is None
+    assert diameter_lengths(switched_off.predict([image])[0][0])[1] == pytest.approx(40, abs=1.0)
+
+
+def test_evaluate_checks_the_mask_fallback_option():
     from biometry.commands.evaluate import mask_fallback_option
     from biometry.errors import BiometryInputError
 
-    with pytest.raises(BiometryInputError, match="--mask-fallback must be a number >= 0 but got -0.1"):
-        mask_fallback_option(argparse.Namespace(mask_fallback=-0.1))
-    assert mask_fallback_option(argparse.Namespace(mask_fallback=None)) is None
+    def option(value):
+        return mask_fallback_option(argparse.Namespace(mask_fallback=value))
+
+    for bad in (-0.1, "-0.1", "nan", "often"):
+        with pytest.raises(BiometryInputError,
+                           match=f"--mask-fallback must be a number >= 0 or 'off' but got {bad}$"):
+            option(bad)
+    assert option(None) is None
+    assert option("off") == "off"
+    assert option("0.05") == 0.05
 
 
 def test_after_a_second_look_the_first_mask_is_trusted_only_where_the_second_agrees():

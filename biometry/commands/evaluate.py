@@ -29,14 +29,23 @@ from biometry.errors import BiometryInputError
 
 ATLAS_SIZE = 10
 SPLITS = ("all", "train", "val", "test")  # as biometry.evaluation.SPLITS
+MASK_FALLBACK_OFF = "off"  # as biometry.inference.MASK_FALLBACK_OFF
 
 
-def mask_fallback_option(args) -> float | None:
-    """``--mask-fallback``, checked: a finite number >= 0, or None for the model's setting."""
+def mask_fallback_option(args) -> float | str | None:
+    """``--mask-fallback``, checked: a finite number >= 0, ``"off"`` (no fallback, whatever the
+    model's setting), or None for the model's setting."""
     value = getattr(args, "mask_fallback", None)
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise BiometryInputError(f"--mask-fallback must be a number >= 0 but got {value}")
-    return value
+    if value is None or value == MASK_FALLBACK_OFF:
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number >= 0):
+        raise BiometryInputError(f"--mask-fallback must be a number >= 0 or "
+                                 f"'{MASK_FALLBACK_OFF}' but got {value}")
+    return number
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,10 +53,11 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the horizontally flipped input (default: the model's "
                              "setting)")
-    parser.add_argument("--mask-fallback", type=float, default=None, metavar="T",
+    parser.add_argument("--mask-fallback", default=None, metavar="T",
                         help="a model with a mask channel: measure an image by the ellipse fitted "
                              "to its mask when the landmarks' HC differs from it by more than the "
-                             "fraction T (default: the model's setting)")
+                             f"fraction T; '{MASK_FALLBACK_OFF}': never (default: the model's "
+                             "setting)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N",
                         help="images per forward pass (default 16)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
