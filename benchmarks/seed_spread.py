@@ -1,0 +1,142 @@
+"""One recipe trained with several seeds: how far its figures move, and what averaging them does.
+
+    python benchmarks/seed_spread.py --models runs/acc-cpu-v5/final runs/exp/e36/best \\
+        runs/exp/e37/best --name acc-cpu-v5 [--test]
+
+Each model folder (the same recipe with another ``train.seed``, on the same subject split) is
+evaluated on the validation split the way ``evaluate`` does it (``LandmarkPredictor.predict``:
+second looks and the model's mask fallback), with the errors of the early-gestation heads
+(HC < 100 mm) apart from the rest and the images off by more than 20 mm of HC. The seeds' ensemble
+(their output maps averaged before decoding, run through the first model's predictor) is
+evaluated on validation only. ``--test`` adds each single model's test-split reading, to report
+the spread of one recipe; the ensemble is never evaluated on the test split here, so that
+whether to build ensembles into the product is decided on validation. Prints a table and writes
+``benchmarks/results/seed_spread_NAME.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._common import write_result  # noqa: E402
+from biometry.errors import BiometryInputError  # noqa: E402
+from biometry.evaluation import predict_records, select_split  # noqa: E402
+from biometry.inference import LandmarkPredictor, load_model_folder  # noqa: E402
+from biometry.io import import_dataset  # noqa: E402
+from biometry.metrics import per_image_errors  # noqa: E402
+
+EARLY_HC_MM = 100.0
+FAILURE_HC_MM = 20.0
+# what the members of an ensemble must share: one output layout and one subject split
+SHARED_SPEC = ("input_hw", "stride", "sigma", "softargmax_beta", "orientation", "pairing",
+               "decode", "data")
+
+
+class MeanOfModels(torch.nn.Module):
+    """The members' raw output maps, averaged."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+
+def error_row(coords: np.ndarray, records) -> dict:
+    true = np.stack([r.landmarks for r in records]).astype(np.float64)
+    errors = per_image_errors(coords, true, np.array([r.pixel_mm for r in records]))
+    hc = np.abs(errors["hc_error_mm"])
+    early = errors["hc_true_mm"] < EARLY_HC_MM
+    row = {f"{m}_l1_mm": float(np.mean(np.abs(errors[f"{m}_error_mm"])))
+           for m in ("bpd", "ofd", "hc")}
+    row["val_measure_l1_mm"] = 0.5 * (row["bpd_l1_mm"] + row["ofd_l1_mm"])
+    row.update({"hc_early_l1_mm": float(hc[early].mean()) if early.any() else None,
+                "hc_rest_l1_mm": float(hc[~early].mean()),
+                "early_images": int(early.sum()),
+                "images_over_20mm": [r.name for r, bad in zip(records, hc > FAILURE_HC_MM) if bad]})
+    return row
+
+
+def shared(spec, key: str):
+    value = getattr(spec, key)
+    if key == "data" and value.get("source"):  # one folder, however its path was written
+        value = {**value, "source": str(Path(value["source"]).resolve())}
+    return value
+
+
+def check_members(folders: list[str], specs: list) -> None:
+    for folder, spec in zip(folders[1:], specs[1:]):
+        for key in SHARED_SPEC:
+            if shared(spec, key) != shared(specs[0], key):
+                raise BiometryInputError(f"{folder}/model.yaml: '{key}' differs from "
+                                         f"{folders[0]}'s; the seeds of one recipe share it")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", required=True, help="model folders, one per seed")
+    p.add_argument("--data", default=str(REPO.parent / "shared/data/hc18"))
+    p.add_argument("--name", required=True, help="results name: seed_spread_NAME.json")
+    p.add_argument("--test", action="store_true",
+                   help="also read each single model (never the ensemble) on the test split")
+    args = p.parse_args()
+    if len(args.models) < 2:
+        raise BiometryInputError("--models needs at least two model folders (the seeds)")
+
+    loaded = [load_model_folder(folder) for folder in args.models]
+    specs = [spec for _, spec in loaded]
+    check_members(args.models, specs)
+    records = import_dataset(args.data).records
+    splits = ["val", "test"] if args.test else ["val"]
+    by_split = {s: select_split(records, specs[0], s, data=args.data) for s in splits}
+
+    rows = []
+    for folder, (model, spec) in zip(args.models, loaded):
+        predictor = LandmarkPredictor(model, spec)
+        row = {"model": folder, "seed": spec.trial_config.get("train", {}).get("seed")}
+        for split, split_records in by_split.items():
+            row[split] = error_row(predict_records(predictor, split_records).landmarks,
+                                   split_records)
+        rows.append(row)
+    ensemble = LandmarkPredictor(MeanOfModels([model for model, _ in loaded]), specs[0])
+    ensemble_row = {"models": args.models,
+                    "val": error_row(predict_records(ensemble, by_split["val"]).landmarks,
+                                     by_split["val"])}
+
+    def line(label: str, r: dict) -> str:
+        early = "-" if r["hc_early_l1_mm"] is None else f"{r['hc_early_l1_mm']:.2f}"
+        return (f"  {label:<34} BPD {r['bpd_l1_mm']:.2f}  OFD {r['ofd_l1_mm']:.2f}  HC "
+                f"{r['hc_l1_mm']:.2f} mm  (mean {r['val_measure_l1_mm']:.3f}; HC early {early}, "
+                f"rest {r['hc_rest_l1_mm']:.2f}; {len(r['images_over_20mm'])} > 20 mm)")
+
+    for split in splits:
+        print(f"{split}: {len(by_split[split])} images")
+        for row in rows:
+            print(line(f"seed {row['seed']} {row['model']}", row[split]))
+        if split == "val":
+            print(line("ensemble (maps averaged)", ensemble_row["val"]))
+    spread = {split: {key: [row[split][key] for row in rows]
+                      for key in ("bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", "val_measure_l1_mm")}
+              for split in splits}
+    path = write_result(f"seed_spread_{args.name}", {
+        "models": rows, "ensemble": ensemble_row, "spread": spread,
+        "note": "test figures, where present, report one recipe's seed spread; nothing is "
+                "chosen from them, and the ensemble is not read on the test split"})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BiometryInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
