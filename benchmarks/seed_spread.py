@@ -26,14 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import write_result  # noqa: E402
+from benchmarks.mask_ellipse import EARLY_HC_MM  # noqa: E402
+from benchmarks.mask_ellipse import error_row as mask_error_row  # noqa: E402
 from biometry.errors import BiometryInputError  # noqa: E402
 from biometry.evaluation import predict_records, select_split  # noqa: E402
 from biometry.inference import LandmarkPredictor, load_model_folder  # noqa: E402
 from biometry.io import import_dataset  # noqa: E402
-from biometry.metrics import per_image_errors  # noqa: E402
+from biometry.metrics import measurements_mm, per_image_errors  # noqa: E402
 
-EARLY_HC_MM = 100.0
-FAILURE_HC_MM = 20.0
 # what the members of an ensemble must share: one output layout and one subject split
 SHARED_SPEC = ("input_hw", "stride", "sigma", "softargmax_beta", "orientation", "pairing",
                "decode", "data")
@@ -51,17 +51,16 @@ class MeanOfModels(torch.nn.Module):
 
 
 def error_row(coords: np.ndarray, records) -> dict:
+    """``mask_ellipse.error_row`` (all heads, early heads apart, failures) plus the search
+    objective and the names of the images off by more than 20 mm of HC."""
     true = np.stack([r.landmarks for r in records]).astype(np.float64)
-    errors = per_image_errors(coords, true, np.array([r.pixel_mm for r in records]))
-    hc = np.abs(errors["hc_error_mm"])
-    early = errors["hc_true_mm"] < EARLY_HC_MM
-    row = {f"{m}_l1_mm": float(np.mean(np.abs(errors[f"{m}_error_mm"])))
-           for m in ("bpd", "ofd", "hc")}
-    row["val_measure_l1_mm"] = 0.5 * (row["bpd_l1_mm"] + row["ofd_l1_mm"])
-    row.update({"hc_early_l1_mm": float(hc[early].mean()) if early.any() else None,
-                "hc_rest_l1_mm": float(hc[~early].mean()),
+    spacing = np.array([r.pixel_mm for r in records])
+    early = measurements_mm(true, spacing)["hc"] < EARLY_HC_MM
+    row = mask_error_row(coords, true, spacing, early)
+    hc = np.abs(per_image_errors(coords, true, spacing)["hc_error_mm"])
+    row.update({"val_measure_l1_mm": 0.5 * (row["bpd_l1_mm"] + row["ofd_l1_mm"]),
                 "early_images": int(early.sum()),
-                "images_over_20mm": [r.name for r, bad in zip(records, hc > FAILURE_HC_MM) if bad]})
+                "images_over_20mm": [r.name for r, bad in zip(records, hc > 20) if bad]})
     return row
 
 
@@ -112,7 +111,7 @@ def main() -> int:
                                      by_split["val"])}
 
     def line(label: str, r: dict) -> str:
-        early = "-" if r["hc_early_l1_mm"] is None else f"{r['hc_early_l1_mm']:.2f}"
+        early = "-" if not r["early_images"] else f"{r['hc_early_l1_mm']:.2f}"
         return (f"  {label:<34} BPD {r['bpd_l1_mm']:.2f}  OFD {r['ofd_l1_mm']:.2f}  HC "
                 f"{r['hc_l1_mm']:.2f} mm  (mean {r['val_measure_l1_mm']:.3f}; HC early {early}, "
                 f"rest {r['hc_rest_l1_mm']:.2f}; {len(r['images_over_20mm'])} > 20 mm)")
