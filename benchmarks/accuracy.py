@@ -166,7 +166,8 @@ def evaluate_base_trial(run_dir: Path, search: dict, args) -> dict | None:
 
 
 def mlflow_ids(search: dict) -> dict:
-    """The search's parent run and the best trial's run in its MLflow store."""
+    """The search's parent run, the best trial's run and the final retrain's runs (a seed's
+    each, and their ensemble's) in its MLflow store."""
     try:
         from mlflow.tracking import MlflowClient
 
@@ -177,10 +178,13 @@ def mlflow_ids(search: dict) -> dict:
         best = [r.info.run_id for r in runs
                 if r.data.tags.get("ray_trial_id") == search.get("best_trial_id")]
         final = [r.info.run_id for r in runs if r.data.tags.get("role") == "final"]
+        ensemble = [r.info.run_id for r in runs if r.data.tags.get("role") == "final_ensemble"]
         return {"tracking_uri": search["tracking_uri"], "experiment": search["search"],
                 "parent_run_id": parent[0] if parent else None,
                 "best_trial_run_id": best[0] if best else None,
-                "final_retrain_run_id": final[0] if final else None}
+                "final_retrain_run_id": final[0] if final else None,
+                "final_retrain_run_ids": final,  # one per seed with search.final_seeds
+                "final_ensemble_run_id": ensemble[0] if ensemble else None}
     except Exception as err:  # the figures matter more than the ids
         return {"error": f"{type(err).__name__}: {err}"}
 

@@ -6,9 +6,10 @@
 Each model folder (the same recipe with another ``train.seed``, on the same subject split) is
 evaluated on the validation split the way ``evaluate`` does it (``LandmarkPredictor.predict``:
 second looks and the model's mask fallback), with the errors of the early-gestation heads
-(HC < 100 mm) apart from the rest and the images off by more than 20 mm of HC. The seeds' ensemble
-(their output maps averaged before decoding, run through the first model's predictor) is
-evaluated on validation only. ``--test`` adds each single model's test-split reading, to report
+(HC < 100 mm) apart from the rest and the images off by more than 20 mm of HC. The seeds'
+ensemble (``biometry.inference.ensemble_of``: their output maps averaged before decoding, the
+first model's decoding; what ``search.final_seeds`` builds) is evaluated on validation only.
+``--test`` adds each single model's test-split reading, to report
 the spread of one recipe; the ensemble is never evaluated on the test split here, so that
 whether to build ensembles into the product is decided on validation. Prints a table and writes
 ``benchmarks/results/seed_spread_NAME.json``.
@@ -20,7 +21,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -30,25 +30,9 @@ from benchmarks.mask_ellipse import EARLY_HC_MM  # noqa: E402
 from benchmarks.mask_ellipse import error_row as mask_error_row  # noqa: E402
 from biometry.errors import BiometryInputError  # noqa: E402
 from biometry.evaluation import predict_records, select_split  # noqa: E402
-from biometry.inference import LandmarkPredictor, load_model_folder  # noqa: E402
+from biometry.inference import LandmarkPredictor, ensemble_of, load_model_folder  # noqa: E402
 from biometry.io import import_dataset  # noqa: E402
 from biometry.metrics import measurements_mm, per_image_errors  # noqa: E402
-
-# what the members of an ensemble must share: one output layout and one subject split
-SHARED_SPEC = ("input_hw", "stride", "sigma", "softargmax_beta", "orientation", "pairing",
-               "decode", "data")
-
-
-class MeanOfModels(torch.nn.Module):
-    """The members' raw output maps, averaged."""
-
-    def __init__(self, members: list[torch.nn.Module]):
-        super().__init__()
-        self.members = torch.nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member(x) for member in self.members]).mean(dim=0)
-
 
 def error_row(coords: np.ndarray, records) -> dict:
     """``mask_ellipse.error_row`` (all heads, early heads apart, failures) plus the search
@@ -64,21 +48,6 @@ def error_row(coords: np.ndarray, records) -> dict:
     return row
 
 
-def shared(spec, key: str):
-    value = getattr(spec, key)
-    if key == "data" and value.get("source"):  # one folder, however its path was written
-        value = {**value, "source": str(Path(value["source"]).resolve())}
-    return value
-
-
-def check_members(folders: list[str], specs: list) -> None:
-    for folder, spec in zip(folders[1:], specs[1:]):
-        for key in SHARED_SPEC:
-            if shared(spec, key) != shared(specs[0], key):
-                raise BiometryInputError(f"{folder}/model.yaml: '{key}' differs from "
-                                         f"{folders[0]}'s; the seeds of one recipe share it")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", required=True, help="model folders, one per seed")
@@ -90,9 +59,9 @@ def main() -> int:
     if len(args.models) < 2:
         raise BiometryInputError("--models needs at least two model folders (the seeds)")
 
+    ensemble_model, ensemble_spec = ensemble_of(args.models)  # refuses seeds of other recipes
     loaded = [load_model_folder(folder) for folder in args.models]
     specs = [spec for _, spec in loaded]
-    check_members(args.models, specs)
     records = import_dataset(args.data).records
     splits = ["val", "test"] if args.test else ["val"]
     by_split = {s: select_split(records, specs[0], s, data=args.data) for s in splits}
@@ -105,7 +74,7 @@ def main() -> int:
             row[split] = error_row(predict_records(predictor, split_records).landmarks,
                                    split_records)
         rows.append(row)
-    ensemble = LandmarkPredictor(MeanOfModels([model for model, _ in loaded]), specs[0])
+    ensemble = LandmarkPredictor(ensemble_model, ensemble_spec)
     ensemble_row = {"models": args.models,
                     "val": error_row(predict_records(ensemble, by_split["val"]).landmarks,
                                      by_split["val"])}

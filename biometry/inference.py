@@ -23,7 +23,7 @@ from biometry.codec import (
     window_soft_argmax,
 )
 from biometry.errors import BiometryInputError
-from biometry.models import create_model, split_mask
+from biometry.models import ENSEMBLE, MeanOfModels, create_ensemble, create_model, split_mask
 from biometry.geometry import diameter_lengths, ellipse_landmarks
 from biometry.metrics import measurements_mm
 from biometry.records import BPD, OFD
@@ -130,7 +130,10 @@ def load_model_folder(folder: str | Path, *, device: str | torch.device = "cpu")
     except Exception as err:  # torch raises many types for a corrupt file
         raise BiometryInputError(f"{weights}: cannot load weights ({type(err).__name__})") from None
     try:
-        model = create_model(spec.architecture, **dict(spec.model_kwargs or {}))
+        if spec.architecture == ENSEMBLE:
+            model = create_ensemble(**dict(spec.model_kwargs or {}))
+        else:
+            model = create_model(spec.architecture, **dict(spec.model_kwargs or {}))
     except (ValueError, TypeError) as err:  # unknown architecture or option
         raise BiometryInputError(f"{folder / 'model.yaml'}: {err}") from None
     try:
@@ -139,6 +142,51 @@ def load_model_folder(folder: str | Path, *, device: str | torch.device = "cpu")
         raise BiometryInputError(f"{weights}: weights do not match {spec.architecture} "
                                  f"{spec.model_kwargs}") from None
     return model.to(device).eval(), spec
+
+
+# what the members of an ensemble must share: one output layout, one decoding, one subject split
+ENSEMBLE_SHARED = ("input_hw", "stride", "sigma", "softargmax_beta", "orientation", "pairing",
+                   "decode", "data")
+
+
+def ensemble_of(folders: list[str | Path], *, device: str | torch.device = "cpu"):
+    """The model folders ``folders`` (one recipe, several seeds) as one ensemble and its spec.
+
+    The spec is the first member's (decoding, second looks, mask fallback) with
+    :data:`~biometry.models.ENSEMBLE` as its architecture and the members' architectures, options
+    and seeds as its options; its ``metrics`` and ``uncertainty_threshold`` are the first member's
+    until the caller measures the ensemble. A member whose output layout, decoding or data split
+    differs from the first's is an error naming its folder and the key.
+    """
+    if not folders:
+        raise BiometryInputError("an ensemble needs at least one model folder")
+    loaded = [load_model_folder(folder) for folder in folders]
+    first = loaded[0][1]
+    for folder, (_, spec) in zip(folders, loaded):
+        if spec.architecture == ENSEMBLE:
+            raise BiometryInputError(f"{Path(folder) / 'model.yaml'}: an ensemble member cannot "
+                                     f"itself be an ensemble")
+        for key in ENSEMBLE_SHARED:
+            if _shared_value(spec, key) != _shared_value(first, key):
+                raise BiometryInputError(f"{Path(folder) / 'model.yaml'}: '{key}' differs from "
+                                         f"{Path(folders[0]) / 'model.yaml'}; the members of an "
+                                         f"ensemble share it")
+    members = [{"architecture": spec.architecture, "model_kwargs": dict(spec.model_kwargs),
+                "seed": spec.trial_config.get("train", {}).get("seed")} for _, spec in loaded]
+    spec = ModelSpec(**{**asdict(first), "architecture": ENSEMBLE,
+                        "model_kwargs": {"members": members}})
+    spec.input_hw = tuple(spec.input_hw)
+    model = MeanOfModels([model for model, _ in loaded])
+    return model.to(device).eval(), spec
+
+
+def _shared_value(spec: ModelSpec, key: str):
+    value = getattr(spec, key)
+    if key == "input_hw":
+        return tuple(value)
+    if key == "data" and value.get("source"):  # one folder, however its path was written
+        return {**value, "source": str(Path(value["source"]).resolve())}
+    return value
 
 
 def pair_radius(codec: HeatmapCodec) -> int:

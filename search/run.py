@@ -70,6 +70,9 @@ class SearchSettings:
     # dotted trial-config keys the final retrain sets on top of the best config (a larger input,
     # say: the search ranks configs cheaply, the retrain spends more); {} = the best config as is
     final_overrides: dict = dataclasses.field(default_factory=dict)
+    # > 1: the final retrain trains the best config with this many seeds at once (train.seed,
+    # train.seed + 1, ...) on its slots, and final/ is their ensemble (output maps averaged)
+    final_seeds: int = 1
     synthetic_images: int = 0  # > 0: train on this many synthetic images (smoke tests)
 
     def validate(self, source: str) -> None:
@@ -83,6 +86,7 @@ class SearchSettings:
              self.time_budget_min),
             (self.max_failures >= 0, "max_failures", "cannot be negative", self.max_failures),
             (self.final_epochs >= 0, "final_epochs", "cannot be negative", self.final_epochs),
+            (self.final_seeds >= 1, "final_seeds", "must be >= 1", self.final_seeds),
         ]
         for ok, key, requirement, value in checks:
             if not ok:
@@ -158,6 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="sampler seed (default: the preset's)")
     p.add_argument("--final-epochs", type=int, help="retrain the best config for N epochs after "
                                                     "the search (0 = no; default: the preset's)")
+    p.add_argument("--final-seeds", type=int, help="train the final retrain with N seeds at once "
+                                                   "and keep their ensemble (default: the "
+                                                   "preset's)")
     p.add_argument("--exclude-outliers", type=float, help="drop this top fraction of training "
                                                           "labels by EDA outlier score")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -197,7 +204,8 @@ def apply_flags(preset: Preset, args: argparse.Namespace) -> Preset:
     overrides = {"num_samples": args.num_samples, "cpus_per_trial": args.cpus_per_trial,
                  "gpus_per_trial": args.gpus_per_trial, "time_budget_min": args.time_budget_min,
                  "seed": args.seed, "space": args.space, "max_failures": args.max_failures,
-                 "max_concurrent_trials": args.max_concurrent, "final_epochs": args.final_epochs}
+                 "max_concurrent_trials": args.max_concurrent, "final_epochs": args.final_epochs,
+                 "final_seeds": args.final_seeds}
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
     s.validate("command line")
     trial = json.loads(json.dumps(preset.trial))
@@ -396,6 +404,10 @@ def final_done(summary: dict[str, Any], settings: SearchSettings, *, run_dir: Pa
     if final["epochs"] != settings.final_epochs:
         raise BiometryInputError(f"{run_dir}: its final retrain ran {final['epochs']} epochs; "
                                  f"pass --final-epochs {final['epochs']} or another --name")
+    if len(final.get("seeds", [0])) != settings.final_seeds:
+        raise BiometryInputError(f"{run_dir}: its final retrain trained {len(final['seeds'])} "
+                                 f"seed(s), the preset asks for search.final_seeds "
+                                 f"{settings.final_seeds}; use another --name")
     if final.get("overrides", {}) != settings.final_overrides:
         raise BiometryInputError(f"{run_dir}: its final retrain ran with search.final_overrides "
                                  f"{final.get('overrides', {})}, the preset now has "
@@ -507,11 +519,14 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
 
     The search ranks configs by a short training (a trial's epochs, ASHA stopping most of them
     earlier); the winner is then trained for longer, on the slots the search ran trials on
-    (``max_concurrent_trials`` times a trial's CPUs as far as one node has them; one GPU). It is
-    a Ray Tune run of its own (``NAME-final`` beside the search, resumable with ``--resume``),
-    logged in MLflow under the search's parent run with ``role=final``. Its best epoch is
-    exported to ``final/`` (``best/`` stays the best trial's model) and becomes
-    ``summary["selected_model"]`` if it validates better than the best trial.
+    (``max_concurrent_trials`` times a trial's CPUs as far as one node has them; one GPU). With
+    ``final_seeds`` N > 1 it is trained N times at once with the seeds ``train.seed``,
+    ``train.seed + 1``, ... sharing those slots; each seed's best epoch goes to
+    ``final_members/seedK/`` and ``final/`` is their ensemble (output maps averaged), measured on
+    the validation split here. It is a Ray Tune run of its own (``NAME-final`` beside the search,
+    resumable with ``--resume``), logged in MLflow under the search's parent run with
+    ``role=final`` (one run per seed; the ensemble ``role=final_ensemble``). ``best/`` stays the
+    best trial's model; ``final/`` becomes ``summary["selected_model"]`` if it validates better.
     """
     from search import tune_api
     from search.tracking import MlflowSearchLogger
@@ -521,45 +536,96 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
                                                 gpus_per_trial=settings.gpus_per_trial,
                                                 slots=settings.max_concurrent_trials)
     params = {**summary["params"], **settings.final_overrides, "train.epochs": settings.final_epochs}
+    first_seed = final_config(base_trial, params, source="final retrain").train.seed
+    seeds = [first_seed + k for k in range(settings.final_seeds)]
+    cpus, gpus = cpus / len(seeds), gpus / len(seeds)  # the seeds share the slots
     if any(key.startswith("data.") for key in settings.final_overrides):  # e.g. another input size
         data, _ = prepare_data(final_config(base_trial, params, source="final retrain"))
     if not gpus and base_trial.get("train", {}).get("threads"):
         params["train.threads"] = max(1, int(cpus))  # the trial's own threads are one slot's
+    if len(seeds) > 1:
+        params["train.seed"] = tune_api.grid(seeds)
     final_name = f"{name}-final"
     path = f"{storage.rstrip('/')}/{final_name}"
     changed = "".join(f", {k}={v}" for k, v in settings.final_overrides.items())
-    print(f"\nfinal retrain: the best config for {settings.final_epochs} epochs{changed} on "
-          f"{cpus:g} CPU / {gpus:g} GPU ({path})")
+    what = f"seeds {', '.join(map(str, seeds))} at once, " if len(seeds) > 1 else ""
+    print(f"\nfinal retrain: the best config for {settings.final_epochs} epochs{changed}, {what}on "
+          f"{cpus:g} CPU / {gpus:g} GPU each ({path})")
+    callback = MlflowSearchLogger(tracking_uri=tracking_uri, experiment_name=name,
+                                  search_name=name, objective=OBJECTIVE,
+                                  artifact_location=artifact_location, trial_role="final")
     if tune_api.can_restore(path):
         tuner = tune_api.restore_tuner(path, tune_trainable, data=data, base_config=base_trial,
                                        cpus_per_trial=cpus, gpus_per_trial=gpus)
     else:
-        callback = MlflowSearchLogger(tracking_uri=tracking_uri, experiment_name=name,
-                                      search_name=name, objective=OBJECTIVE,
-                                      artifact_location=artifact_location, trial_role="final")
         tuner = tune_api.make_tuner(
             tune_trainable, data=data, base_config=base_trial, searcher=None, scheduler=None,
-            num_samples=1, max_concurrent=1, cpus_per_trial=cpus, gpus_per_trial=gpus,
+            num_samples=1, max_concurrent=len(seeds), cpus_per_trial=cpus, gpus_per_trial=gpus,
             time_budget_s=None, storage_path=storage, name=final_name, callbacks=[callback],
             metric=OBJECTIVE, max_failures=settings.max_failures, param_space=params)
-    result = tuner.fit()[0]
-    history = result.metrics_dataframe
-    if result.error or history is None or OBJECTIVE not in history.columns:
-        print(f"warning: the final retrain gave no result ({result.error}); best/ stays the "
-              f"search's", file=sys.stderr)
-        summary["final"] = {"epochs": settings.final_epochs, "overrides": settings.final_overrides,
-                            "error": str(result.error)}
+    results = list(tuner.fit())
+    final = {"epochs": settings.final_epochs, "overrides": settings.final_overrides,
+             "seeds": seeds, "path": path}
+    members, folders = [], []
+    for result in sorted(results, key=lambda r: r.config.get("train.seed", first_seed)):
+        seed = result.config.get("train.seed", first_seed)
+        history = result.metrics_dataframe
+        if result.error or history is None or OBJECTIVE not in history.columns:
+            members.append({"seed": seed, "error": str(result.error)})
+            continue
+        best_row, metrics = best_epoch(history)
+        folder = run_dir / ("final" if len(seeds) == 1 else f"final_members/seed{seed}")
+        export_best_checkpoint(result, folder)
+        members.append({"seed": seed, "best_epoch": int(best_row["training_iteration"]),
+                        "metrics": metrics, "model": str(folder)})
+        folders.append(folder)
+    if not folders:
+        print(f"warning: the final retrain gave no result ({members[0]['error']}); best/ stays "
+              f"the search's", file=sys.stderr)
+        summary["final"] = {**final, "error": members[0]["error"]}
         return
-    best_row, metrics = best_epoch(history)
-    export_best_checkpoint(result, run_dir / "final")
-    selected = metrics[OBJECTIVE] < summary["metrics"][OBJECTIVE]
-    summary["final"] = {"epochs": settings.final_epochs, "overrides": settings.final_overrides,
-                        "best_epoch": int(best_row["training_iteration"]), "metrics": metrics,
-                        "model": str(run_dir / "final"), "selected": selected, "path": path}
+    failed = [m["seed"] for m in members if "error" in m]
+    if failed:
+        print(f"warning: the final retrain of seed(s) {failed} gave no result; final/ holds the "
+              f"other seeds", file=sys.stderr)
+    if len(seeds) == 1:
+        final.update(best_epoch=members[0]["best_epoch"], metrics=members[0]["metrics"])
+    else:
+        metrics = save_ensemble(folders, data=data, destination=run_dir / "final")
+        final.update(members=members, ensemble=True, metrics=metrics)
+        callback.log_extra_run(role="final_ensemble", run_name=f"{name}-final-ensemble",
+                               params={"seeds": [m["seed"] for m in members if "error" not in m],
+                                       "members": [str(f) for f in folders]},
+                               metrics=metrics, model_folder=run_dir / "final")
+    selected = final["metrics"][OBJECTIVE] < summary["metrics"][OBJECTIVE]
+    final.update(model=str(run_dir / "final"), selected=selected)
+    summary["final"] = final
     summary["selected_model"] = str(run_dir / ("final" if selected else "best"))
-    print(f"final retrain: {OBJECTIVE} {metrics[OBJECTIVE]:.3f} mm at epoch "
-          f"{summary['final']['best_epoch']} (best trial {summary['metrics'][OBJECTIVE]:.3f} mm); "
-          f"selected model: {summary['selected_model']}")
+    for member in members if len(seeds) > 1 else []:
+        if "metrics" in member:
+            print(f"final retrain, seed {member['seed']}: {OBJECTIVE} "
+                  f"{member['metrics'][OBJECTIVE]:.3f} mm at epoch {member['best_epoch']}")
+    where = f"at epoch {final['best_epoch']}" if len(seeds) == 1 else \
+        f"for the ensemble of {len(folders)} seeds"
+    print(f"final retrain: {OBJECTIVE} {final['metrics'][OBJECTIVE]:.3f} mm {where} (best trial "
+          f"{summary['metrics'][OBJECTIVE]:.3f} mm); selected model: {summary['selected_model']}")
+
+
+def save_ensemble(folders: list[Path], *, data, destination: Path) -> dict[str, float]:
+    """Write the ensemble of the model ``folders`` to ``destination``, measured on the
+    validation split the way a trial measures an epoch; return its metrics."""
+    import numpy as np
+
+    from biometry.inference import LandmarkPredictor, ensemble_of, save_model_folder
+    from trainables.train import evaluate_split
+
+    model, spec = ensemble_of(folders)
+    metrics, uncertainty = evaluate_split(LandmarkPredictor(model, spec), data.val)
+    spec.uncertainty_threshold = float(np.quantile(uncertainty, spec.coverage_target))
+    spec.metrics = {k: float(v) for k, v in metrics.items()}
+    save_model_folder(destination, model, spec)
+    return {k: float(v) for k, v in metrics.items()
+            if k.endswith("_mm") or k in ("nme", "unc_spearman", "aurc")}
 
 
 def print_watch_info(info: dict, run_dir: Path, tracking_uri: str, resources: dict,

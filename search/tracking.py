@@ -197,6 +197,33 @@ class MlflowSearchLogger(Callback):
     def on_experiment_end(self, trials, **info):
         self.finish_search(trials)
 
+    def log_extra_run(self, *, role: str, run_name: str, params: dict[str, Any],
+                      metrics: dict[str, float], model_folder: Path) -> str | None:
+        """A child run of the search that no Ray trial made (the final retrain's ensemble):
+        its params, metrics and model folder; found again by ``role`` on a resume."""
+        parent = self.ensure_parent()
+
+        def log():
+            run_id = self._find_run(f"tags.search_name = '{self.search_name}' and "
+                                    f"tags.role = '{role}'")
+            if run_id is None:
+                tags = {"search_name": self.search_name, "role": role}
+                if parent:
+                    tags["mlflow.parentRunId"] = parent
+                run_id = self.client.create_run(self._ensure_experiment(), run_name=run_name,
+                                                tags=tags).info.run_id
+                self._log_params(run_id, params)
+            for key, value in metrics.items():
+                if _is_metric(key, value):
+                    self.client.log_metric(run_id, key, float(value))
+            for name in MODEL_FILES:
+                if (Path(model_folder) / name).is_file():
+                    self.client.log_artifact(run_id, str(Path(model_folder) / name), "model")
+            self.client.set_terminated(run_id, "FINISHED")
+            return run_id
+
+        return self._safe(f"{role} run", log)
+
     def finish_search(self, trials, *, summary: dict[str, Any] | None = None) -> None:
         parent = self.ensure_parent()
         if parent is None:

@@ -194,6 +194,11 @@ def make_tuner(trainable: Callable, *, data: Any, base_config: dict, searcher, s
     )
 
 
+def grid(values: list) -> dict:
+    """A param_space value that runs one trial per value (the final retrain's seeds)."""
+    return tune.grid_search(values)
+
+
 def _trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from biometry.errors import BiometryInputError
+from biometry.inference import load_model_folder
 from search import run as search_run
 from search.space import load_space, space_from_dict
 
@@ -150,6 +152,58 @@ def test_final_retrain_trains_the_best_config_longer_and_selects_the_better(tmp_
     write_preset(preset, num_samples=2, epochs=1, concurrent=2, final_overrides={})
     with pytest.raises(BiometryInputError, match="its final retrain ran with search.final_overr"):
         search_run.run_search(search_run.parse_args([*argv, "--resume", "--final-epochs", "3"]))
+
+
+def test_final_seeds_train_at_once_and_final_is_their_ensemble(tmp_path, ray_session):
+    """search.final_seeds 2: the best config is retrained with seeds 0 and 1 at once on the
+    search's two slots (one thread each); final/ is their ensemble, measured on validation,
+    loadable like any model; MLflow holds one run per seed and one for the ensemble; a resume
+    retrains nothing and another seed count is refused."""
+    preset = write_preset(tmp_path / "p.yaml", num_samples=1, epochs=1, concurrent=2,
+                          final_epochs=2, final_seeds=2)
+    argv = ["--preset", str(preset), "--out", str(tmp_path / "runs"), "--name", "ens"]
+    assert search_run.main(argv) == 0
+    run_dir = tmp_path / "runs" / "ens"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = summary["final"]
+    objective = "val_measure_l1_mm"
+    assert final["seeds"] == [0, 1] and final["ensemble"] is True
+    assert [m["seed"] for m in final["members"]] == [0, 1]
+    assert final["selected"] == (final["metrics"][objective] < summary["metrics"][objective])
+    members = []
+    for member in final["members"]:
+        spec = yaml.safe_load((Path(member["model"]) / "model.yaml").read_text())
+        assert spec["trial_config"]["train"]["seed"] == member["seed"]
+        assert spec["trial_config"]["train"]["threads"] == 1  # two seeds share two slots
+        assert spec["trial_config"]["train"]["epochs"] == 2
+        members.append(load_model_folder(member["model"])[0])
+    model, spec = load_model_folder(run_dir / "final")
+    assert spec.architecture == "ensemble"
+    assert [m["seed"] for m in spec.model_kwargs["members"]] == [0, 1]
+    assert spec.metrics[objective] == pytest.approx(final["metrics"][objective])
+    assert spec.uncertainty_threshold is not None
+    x = torch.randn(2, 1, *spec.input_hw)
+    with torch.no_grad():
+        expected = (members[0](x) + members[1](x)) / 2
+        assert torch.allclose(model(x), expected, atol=1e-6)
+
+    client, runs = mlflow_runs(run_dir, "ens")
+    parent = next(r for r in runs if r.data.tags.get("role") == "search")
+    finals = [r for r in runs if r.data.tags.get("role") == "final"]
+    assert sorted(r.data.params["train.seed"] for r in finals) == ["0", "1"]
+    ensemble = [r for r in runs if r.data.tags.get("role") == "final_ensemble"]
+    assert len(ensemble) == 1 and ensemble[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert ensemble[0].data.metrics[objective] == pytest.approx(final["metrics"][objective])
+    artifacts = {a.path for a in client.list_artifacts(ensemble[0].info.run_id, "model")}
+    assert artifacts == {"model/model.pt", "model/model.yaml"}
+
+    assert search_run.main([*argv, "--resume"]) == 0
+    _, again = mlflow_runs(run_dir, "ens")
+    assert len(again) == len(runs)
+    assert json.loads((run_dir / "summary.json").read_text())["final"] == final
+    with pytest.raises(BiometryInputError, match="trained 2 seed.s., the preset asks for "
+                                                 "search.final_seeds 3"):
+        search_run.run_search(search_run.parse_args([*argv, "--resume", "--final-seeds", "3"]))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -10,6 +10,7 @@ Example:
 """
 from biometry.models import hrnet as _hrnet  # noqa: F401  (registers hrnet_compact)
 from biometry.models import unet as _unet  # noqa: F401  (registers unet, unet_multihead)
+from biometry.models.ensemble import ENSEMBLE, MeanOfModels, create_ensemble
 from biometry.models._registry import (
     ModelConfig,
     ModelInfo,
@@ -22,6 +23,9 @@ from biometry.models._registry import (
 )
 
 __all__ = [
+    "ENSEMBLE",
+    "MeanOfModels",
+    "create_ensemble",
     "ModelConfig",
     "ModelInfo",
     "count_parameters",
