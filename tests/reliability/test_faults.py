@@ -286,6 +286,37 @@ def test_driver_killed_in_the_final_retrain_resumes_it_without_new_search_trials
 
 
 # -- MLflow unreachable ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_seed_failing_in_the_final_retrain_leaves_the_ensemble_of_the_others(tmp_path):
+    """search.final_seeds 2 and one seed raises at its second epoch (max_failures 0): the search
+    exits 0, says which seed gave no result, and final/ is the ensemble of the other seed alone,
+    measured and loadable; the failed seed's MLflow run is FAILED."""
+    preset = write_preset(tmp_path / "p.yaml", num_samples=1, epochs=1, concurrent=2,
+                          final_epochs=2, final_seeds=2)
+    out, fired = tmp_path / "runs", tmp_path / "fired"
+    proc = run_command(search_argv(preset, out, "f"), timeout=SEARCH_TIMEOUT,
+                       BIOMETRY_FAULT=f"raise_at_epoch=2,once_file={fired}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    failed_seed = trial_params(out / "f-final" / Path(fired.read_text().split()[1]).name)[
+        "train.seed"]
+    kept_seed = 1 - failed_seed
+    assert f"the final retrain of seed(s) [{failed_seed}] gave no result" in proc.stderr
+
+    run_dir = out / "f"
+    final = json.loads((run_dir / "summary.json").read_text())["final"]
+    by_seed = {m["seed"]: m for m in final["members"]}
+    assert "injected fault" in by_seed[failed_seed]["error"]
+    assert by_seed[kept_seed]["model"] == str(run_dir / "final_members" / f"seed{kept_seed}")
+    assert not (run_dir / "final_members" / f"seed{failed_seed}").exists()
+    model, spec = load_model_folder(run_dir / "final")
+    assert [m["seed"] for m in spec.model_kwargs["members"]] == [kept_seed]
+    assert spec.metrics[OBJECTIVE] == final["metrics"][OBJECTIVE]
+    runs = mlflow_runs(local_uri(run_dir), "f")
+    statuses = sorted(r.info.status for r in runs if r.data.tags.get("role") == "final")
+    assert statuses == ["FAILED", "FINISHED"]
+    assert sum(r.data.tags.get("role") == "final_ensemble" for r in runs) == 1
+
+
 def test_unreachable_mlflow_at_start_fails_before_any_trial(tmp_path):
     out = tmp_path / "runs"
     proc = run_command(["search/run.py", "--preset", "smoke", "--out", str(out), "--name", "m",
