@@ -538,9 +538,7 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
     params = {**summary["params"], **settings.final_overrides, "train.epochs": settings.final_epochs}
     first_seed = final_config(base_trial, params, source="final retrain").train.seed
     seeds = [first_seed + k for k in range(settings.final_seeds)]
-    # the seeds share the slots; Ray counts resources in units of 1e-4, rounding to the nearest,
-    # so 2/3 CPU would round up and the third seed of three would wait for a free slot
-    cpus, gpus = (math.floor(total / len(seeds) * 1e4) / 1e4 for total in (cpus, gpus))
+    cpus, gpus = tune_api.share_resources(cpus, gpus, parts=len(seeds))  # the seeds share them
     if any(key.startswith("data.") for key in settings.final_overrides):  # e.g. another input size
         data, _ = prepare_data(final_config(base_trial, params, source="final retrain"))
     if not gpus and base_trial.get("train", {}).get("threads"):

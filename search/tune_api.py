@@ -88,6 +88,15 @@ def final_trial_resources(*, cpus_per_trial: float, gpus_per_trial: float,
     return cpus, max(gpus_per_trial, min(gpus_per_trial * slots, 1.0, largest_gpu_node))
 
 
+def share_resources(cpus: float, gpus: float, *, parts: int) -> tuple[float, float]:
+    """(CPUs, GPUs) of one of ``parts`` trials sharing ``cpus`` and ``gpus``, all at once.
+
+    Ray counts resources in units of 1e-4 and rounds a request to the nearest unit, so 2/3 CPU
+    would round up and the third of three trials on 2 CPUs would wait; the share is rounded down.
+    """
+    return tuple(math.floor(total / parts * 1e4) / 1e4 for total in (cpus, gpus))
+
+
 def _largest_node() -> tuple[float, float]:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     gpus = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)

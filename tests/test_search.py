@@ -232,6 +232,18 @@ def test_final_retrain_takes_the_search_slots_that_fit_on_one_node(ray_session):
     assert final_trial_resources(cpus_per_trial=2, gpus_per_trial=0, slots=1) == (2, 0.0)
 
 
+def test_seeds_sharing_the_slots_fit_on_them_all_at_once():
+    """Ray rounds a request to its 1e-4 unit: 2/3 CPU would round up to 0.6667, and three of
+    them would not fit on 2 CPUs."""
+    from search.tune_api import share_resources
+
+    cpus, gpus = share_resources(2.0, 1.0, parts=3)
+    assert (cpus, gpus) == (0.6666, 0.3333)
+    assert round(cpus * 1e4) * 3 <= 2 * 1e4 and round(gpus * 1e4) * 3 <= 1e4
+    assert share_resources(2.0, 0.0, parts=2) == (1.0, 0.0)
+    assert share_resources(4.0, 1.0, parts=1) == (4.0, 1.0)
+
+
 def test_smoke_preset_command(tmp_path):
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "search/run.py", "--preset", "smoke", "--out",
