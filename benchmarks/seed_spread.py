@@ -9,9 +9,9 @@ second looks and the model's mask fallback), with the errors of the early-gestat
 (HC < 100 mm) apart from the rest and the images off by more than 20 mm of HC. The seeds'
 ensemble (``biometry.inference.ensemble_of``: their output maps averaged before decoding, the
 first model's decoding; what ``search.final_seeds`` builds) is evaluated on validation only.
-``--test`` adds each single model's test-split reading, to report
-the spread of one recipe; the ensemble is never evaluated on the test split here, so that
-whether to build ensembles into the product is decided on validation. Prints a table and writes
+``--test`` adds each single model's test-split reading, to report the spread of one recipe; the
+ensemble is never evaluated on the test split here, so that whether to build ensembles into the
+product is decided on validation. Prints a table and writes
 ``benchmarks/results/seed_spread_NAME.json``.
 """
 from __future__ import annotations
@@ -30,9 +30,10 @@ from benchmarks.mask_ellipse import EARLY_HC_MM  # noqa: E402
 from benchmarks.mask_ellipse import error_row as mask_error_row  # noqa: E402
 from biometry.errors import BiometryInputError  # noqa: E402
 from biometry.evaluation import predict_records, select_split  # noqa: E402
-from biometry.inference import LandmarkPredictor, ensemble_of, load_model_folder  # noqa: E402
+from biometry.inference import LandmarkPredictor, ensemble_of, load_model_spec  # noqa: E402
 from biometry.io import import_dataset  # noqa: E402
 from biometry.metrics import measurements_mm, per_image_errors  # noqa: E402
+
 
 def error_row(coords: np.ndarray, records) -> dict:
     """``mask_ellipse.error_row`` (all heads, early heads apart, failures) plus the search
@@ -60,8 +61,8 @@ def main() -> int:
         raise BiometryInputError("--models needs at least two model folders (the seeds)")
 
     ensemble_model, ensemble_spec = ensemble_of(args.models)  # refuses seeds of other recipes
-    loaded = [load_model_folder(folder) for folder in args.models]
-    specs = [spec for _, spec in loaded]
+    specs = [load_model_spec(folder) for folder in args.models]
+    loaded = list(zip(ensemble_model.members, specs))  # each member with its own spec
     records = import_dataset(args.data).records
     splits = ["val", "test"] if args.test else ["val"]
     by_split = {s: select_split(records, specs[0], s, data=args.data) for s in splits}

@@ -175,7 +175,6 @@ def ensemble_of(folders: list[str | Path], *, device: str | torch.device = "cpu"
                 "seed": spec.trial_config.get("train", {}).get("seed")} for _, spec in loaded]
     spec = ModelSpec(**{**asdict(first), "architecture": ENSEMBLE,
                         "model_kwargs": {"members": members}})
-    spec.input_hw = tuple(spec.input_hw)
     model = MeanOfModels([model for model, _ in loaded])
     return model.to(device).eval(), spec
 

@@ -499,8 +499,13 @@ def summarize_search(results, *, run_dir: Path, name: str, tracking_uri: str) ->
 def best_epoch(history) -> tuple[Any, dict[str, float]]:
     """The row of a trial's lowest objective and its metrics (mm, nme, uncertainty ranking)."""
     row = history.loc[history[OBJECTIVE].idxmin()]
-    return row, {k: float(row[k]) for k in row.index
-                 if k.endswith("_mm") or k in ("nme", "unc_spearman", "aurc")}
+    return row, reported_metrics(row)
+
+
+def reported_metrics(metrics) -> dict[str, float]:
+    """The figures a summary keeps of a report (a dict or a history row): mm, nme, ranking."""
+    return {k: float(metrics[k]) for k in metrics.keys()
+            if k.endswith("_mm") or k in ("nme", "unc_spearman", "aurc")}
 
 
 def export_best_checkpoint(result, destination: Path) -> None:
@@ -614,18 +619,13 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
 def save_ensemble(folders: list[Path], *, data, destination: Path) -> dict[str, float]:
     """Write the ensemble of the model ``folders`` to ``destination``, measured on the
     validation split the way a trial measures an epoch; return its metrics."""
-    import numpy as np
-
     from biometry.inference import LandmarkPredictor, ensemble_of, save_model_folder
-    from trainables.train import evaluate_split
+    from trainables.train import validate_into_spec
 
     model, spec = ensemble_of(folders)
-    metrics, uncertainty = evaluate_split(LandmarkPredictor(model, spec), data.val)
-    spec.uncertainty_threshold = float(np.quantile(uncertainty, spec.coverage_target))
-    spec.metrics = {k: float(v) for k, v in metrics.items()}
+    metrics = validate_into_spec(LandmarkPredictor(model, spec), data.val)
     save_model_folder(destination, model, spec)
-    return {k: float(v) for k, v in metrics.items()
-            if k.endswith("_mm") or k in ("nme", "unc_spearman", "aurc")}
+    return reported_metrics(metrics)
 
 
 def print_watch_info(info: dict, run_dir: Path, tracking_uri: str, resources: dict,

@@ -157,6 +157,16 @@ def evaluate_split(predictor: LandmarkPredictor, images: PreparedImages, *,
     return summary.as_dict(), uncertainty
 
 
+def validate_into_spec(predictor: LandmarkPredictor, images: PreparedImages) -> dict:
+    """``evaluate_split`` on validation images, recorded in ``predictor.spec``: its metrics, and
+    the uncertainty threshold that keeps ``spec.coverage_target`` of them unflagged."""
+    metrics, uncertainty = evaluate_split(predictor, images)
+    spec = predictor.spec
+    spec.uncertainty_threshold = float(np.quantile(uncertainty, spec.coverage_target))
+    spec.metrics = {k: float(v) for k, v in metrics.items()}
+    return metrics
+
+
 def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: str | Path,
               reporter: Reporter | None = None, resume_from: str | Path | None = None,
               log: Callable[[str], None] = print) -> dict:
@@ -262,9 +272,7 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
 
         # validate in mm and choose the uncertainty threshold for the target coverage
         deployed.eval()
-        metrics, uncertainty = evaluate_split(predictor, data.val)
-        spec.uncertainty_threshold = float(np.quantile(uncertainty, cfg.train.coverage_target))
-        spec.metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = validate_into_spec(predictor, data.val)
         metrics.update({f"train_loss_{k}": v / max(1, steps_per_epoch) for k, v in sums.items()})
         value = metrics[OBJECTIVE]
         if math.isfinite(value) and value < state.best_value:
