@@ -6,7 +6,7 @@ numbers a search reports are the numbers a user gets.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,14 @@ from biometry.codec import (
     window_soft_argmax,
 )
 from biometry.errors import BiometryInputError
-from biometry.models import ENSEMBLE, MeanOfModels, create_ensemble, create_model, split_mask
+from biometry.models import (
+    ENSEMBLE,
+    ENSEMBLE_COMBINES,
+    MeanOfModels,
+    create_ensemble,
+    create_model,
+    split_mask,
+)
 from biometry.geometry import diameter_lengths, ellipse_landmarks
 from biometry.metrics import measurements_mm
 from biometry.records import BPD, OFD
@@ -149,8 +156,10 @@ ENSEMBLE_SHARED = ("input_hw", "stride", "sigma", "softargmax_beta", "orientatio
                    "decode", "data")
 
 
-def ensemble_of(folders: list[str | Path], *, device: str | torch.device = "cpu"):
-    """The model folders ``folders`` (one recipe, several seeds) as one ensemble and its spec.
+def ensemble_of(folders: list[str | Path], *, combine: str = "maps",
+                device: str | torch.device = "cpu"):
+    """The model folders ``folders`` (one recipe, several seeds) as one ensemble and its spec,
+    combined the ``combine`` way (:data:`~biometry.models.ENSEMBLE_COMBINES`).
 
     The spec is the first member's (decoding, second looks, mask fallback) with
     :data:`~biometry.models.ENSEMBLE` as its architecture and the members' architectures, options
@@ -160,6 +169,9 @@ def ensemble_of(folders: list[str | Path], *, device: str | torch.device = "cpu"
     """
     if not folders:
         raise BiometryInputError("an ensemble needs at least one model folder")
+    if combine not in ENSEMBLE_COMBINES:
+        raise BiometryInputError(f"ensemble combine must be one of {ENSEMBLE_COMBINES} but got "
+                                 f"{combine!r}")
     loaded = [load_model_folder(folder) for folder in folders]
     first = loaded[0][1]
     for folder, (_, spec) in zip(folders, loaded):
@@ -174,8 +186,8 @@ def ensemble_of(folders: list[str | Path], *, device: str | torch.device = "cpu"
     members = [{"architecture": spec.architecture, "model_kwargs": dict(spec.model_kwargs),
                 "seed": spec.trial_config.get("train", {}).get("seed")} for _, spec in loaded]
     spec = ModelSpec(**{**asdict(first), "architecture": ENSEMBLE,
-                        "model_kwargs": {"members": members}})
-    model = MeanOfModels([model for model, _ in loaded])
+                        "model_kwargs": {"members": members, "combine": combine}})
+    model = MeanOfModels([model for model, _ in loaded], combine=combine)
     return model.to(device).eval(), spec
 
 
@@ -269,6 +281,15 @@ class LandmarkPredictor:
             self.mask_fallback = None
         else:
             self.mask_fallback = spec.mask_fallback if mask_fallback is None else mask_fallback
+        # a "median" ensemble: each member predicts on its own, the landmarks' median is kept
+        self.members = [
+            LandmarkPredictor(member, replace(spec, architecture=info["architecture"],
+                                              model_kwargs=dict(info.get("model_kwargs") or {})),
+                              device=device, flip_tta=self.flip_tta,
+                              mask_fallback=MASK_FALLBACK_OFF if self.mask_fallback is None
+                              else self.mask_fallback)
+            for member, info in zip(model.members, spec.model_kwargs["members"])
+        ] if isinstance(model, MeanOfModels) and model.combine == "median" else []
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, device: str = "cpu", flip_tta: bool | None = None,
@@ -278,6 +299,8 @@ class LandmarkPredictor:
 
     def predict_input(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, 1, H, W) z-scored input -> (coords (B, 4, 2) input px, uncertainty (B,))."""
+        if self.members:
+            return median_of([member.predict_input(batch) for member in self.members])
         return self._forward(batch)[:2]
 
     @torch.no_grad()
@@ -314,7 +337,14 @@ class LandmarkPredictor:
         it was rendered for (its OFD within ``tolerance`` of the target); one that does not is
         followed by another from its own estimate, up to ``SECOND_LOOKS``, and when none agrees
         the first look stands.
+
+        A ``"median"`` ensemble runs all of that for each member and keeps the median of the
+        members' landmarks and uncertainties (:func:`median_of`).
         """
+        if self.members:
+            return median_of([member.predict(images, batch_size=batch_size,
+                                             letterboxed=letterboxed)
+                              for member in self.members])
         first = letterboxed or [letterbox(img, None, self.spec.input_hw)[::2] for img in images]
         boxes = [box for _, box in first]
         fallback = self.mask_fallback is not None
@@ -433,6 +463,16 @@ def mask_ellipse_landmarks(logits: np.ndarray, stride: int) -> np.ndarray | None
         return None
     (cx, cy), (d1, d2), angle = cv2.fitEllipse(max(contours, key=cv2.contourArea))
     return ellipse_landmarks((cx, cy), (d1 + 1, d2 + 1), angle)
+
+
+def median_of(predictions: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """[(coords (N, 4, 2), uncertainty (N,))] of several models -> their median coordinate by
+    coordinate (each model's endpoint pairs ordered like the first model's first:
+    :func:`match_pairs`) and their median uncertainty."""
+    reference = predictions[0][0]
+    coords = np.stack([match_pairs(coords, reference) for coords, _ in predictions])
+    uncertainty = np.stack([np.asarray(unc, dtype=np.float64) for _, unc in predictions])
+    return np.median(coords, axis=0), np.median(uncertainty, axis=0)
 
 
 def match_pairs(points: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Ensembles of one recipe's seeds (biometry.models.ensemble, biometry.inference.ensemble_of): the
-output maps are averaged, the folder saves and loads like any model (weights_only), and members of
-different recipes (another split or output layout) are refused in one line naming the folder."""
+output maps averaged or the median of the members' landmarks, the folder saves and loads like any
+model (weights_only), and members of different recipes (another split or output layout) are
+refused in one line naming the folder."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -16,9 +17,11 @@ from biometry.inference import (
     ModelSpec,
     ensemble_of,
     load_model_folder,
+    match_pairs,
+    median_of,
     save_model_folder,
 )
-from biometry.models import MeanOfModels, create_ensemble, create_model
+from biometry.models import ENSEMBLE_COMBINES, MeanOfModels, create_ensemble, create_model
 
 KWARGS = {"width": 4, "depth": 2, "output_stride": 2}
 
@@ -59,6 +62,44 @@ def test_an_ensemble_folder_saves_and_loads_like_any_model(tmp_path):
     assert coords.shape == (1, 4, 2) and np.isfinite(coords).all() and uncertainty.shape == (1,)
 
 
+def images(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (60, 90), dtype=np.uint8) for _ in range(n)]
+
+
+def test_a_median_ensemble_predicts_the_median_of_its_members_landmarks(tmp_path):
+    folders = [member_folder(tmp_path / f"seed{s}", seed=s) for s in (3, 4, 5)]
+    model, spec = ensemble_of(folders, combine="median")
+    assert spec.model_kwargs["combine"] == "median" and model.combine == "median"
+    save_model_folder(tmp_path / "final", model, spec)
+    predictor = LandmarkPredictor.from_folder(tmp_path / "final")
+    assert predictor.model.combine == "median" and len(predictor.members) == 3
+    batch = images(4)
+    coords, uncertainty = predictor.predict(batch, batch_size=3)
+    alone = [LandmarkPredictor.from_folder(folder).predict(batch) for folder in folders]
+    matched = np.stack([match_pairs(c, alone[0][0]) for c, _ in alone])
+    np.testing.assert_allclose(coords, np.median(matched, axis=0), atol=1e-4)
+    np.testing.assert_allclose(uncertainty, np.median([u for _, u in alone], axis=0), rtol=1e-5)
+    x = torch.randn(2, 1, 32, 48)
+    input_coords, _ = predictor.predict_input(x)
+    expected, _ = median_of([LandmarkPredictor.from_folder(f).predict_input(x) for f in folders])
+    np.testing.assert_allclose(input_coords, expected, atol=1e-4)
+    # the same members averaged as maps predict otherwise
+    maps, _ = LandmarkPredictor(*ensemble_of(folders, combine="maps")).predict(batch)
+    assert not np.allclose(maps, coords, atol=1e-3)
+
+
+def test_the_median_outvotes_one_members_miss():
+    truth = np.array([[[10.0, 0.0], [10.0, 20.0], [0.0, 10.0], [30.0, 10.0]]])
+    near = truth + 0.5
+    miss = truth + 40.0
+    swapped = near[:, [1, 0, 3, 2]]  # a member that ordered both pairs the other way
+    coords, uncertainty = median_of([(truth, np.array([1.0])), (miss, np.array([9.0])),
+                                     (swapped, np.array([2.0]))])
+    np.testing.assert_allclose(coords, near)
+    assert uncertainty.tolist() == [2.0]
+
+
 def test_members_must_share_the_split_and_the_output_layout(tmp_path):
     a = member_folder(tmp_path / "a", seed=0)
     written_otherwise = member_folder(tmp_path / "b", seed=1,
@@ -78,9 +119,22 @@ def test_members_must_share_the_split_and_the_output_layout(tmp_path):
         ensemble_of([a, tmp_path / "e"])
     with pytest.raises(BiometryInputError, match="an ensemble needs at least one model folder"):
         ensemble_of([])
+    with pytest.raises(BiometryInputError, match=r"ensemble combine must be one of \('maps', "
+                                                 r"'median'\) but got 'vote'"):
+        ensemble_of([a], combine="vote")
+
+
+def test_the_driver_knows_the_ensemble_combines_without_importing_torch():
+    from search.run import FINAL_COMBINES, SearchSettings
+
+    assert FINAL_COMBINES == ENSEMBLE_COMBINES
+    assert SearchSettings().final_combine == "median"
 
 
 def test_bad_ensemble_options_name_the_member():
+    with pytest.raises(ValueError, match=r"ensemble 'combine' must be one of \('maps', "
+                                         r"'median'\) but got 'mean'"):
+        create_ensemble([{"architecture": "unet"}], combine="mean")
     with pytest.raises(ValueError, match="'members' must be a non-empty list"):
         create_ensemble([])
     with pytest.raises(ValueError, match="ensemble member 1 must name its 'architecture'"):

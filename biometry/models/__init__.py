@@ -10,7 +10,7 @@ Example:
 """
 from biometry.models import hrnet as _hrnet  # noqa: F401  (registers hrnet_compact)
 from biometry.models import unet as _unet  # noqa: F401  (registers unet, unet_multihead)
-from biometry.models.ensemble import ENSEMBLE, MeanOfModels, create_ensemble
+from biometry.models.ensemble import ENSEMBLE, ENSEMBLE_COMBINES, MeanOfModels, create_ensemble
 from biometry.models._registry import (
     ModelConfig,
     ModelInfo,
@@ -24,6 +24,7 @@ from biometry.models._registry import (
 
 __all__ = [
     "ENSEMBLE",
+    "ENSEMBLE_COMBINES",
     "MeanOfModels",
     "create_ensemble",
     "ModelConfig",

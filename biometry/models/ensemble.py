@@ -1,10 +1,15 @@
-"""Several trained models of one output layout as one model: their raw output maps, averaged.
+"""Several trained models of one output layout as one model.
 
 The seeds of one recipe fail on different images (docs/experiments.md, "the same recipe, three
-seeds"); averaging their maps before decoding keeps what they agree on. An ensemble is saved like
-any model (``model.pt`` holds one state dict, keys ``members.K.*``; ``model.yaml`` names
-:data:`ENSEMBLE` as its architecture and lists the members' architectures and options), so every
-command loads it the same way.
+seeds"); combining them keeps what they agree on. Two ways (:data:`ENSEMBLE_COMBINES`):
+``"maps"`` averages the members' raw output maps before decoding (the module's ``forward``);
+``"median"`` decodes each member on its own (second looks and mask fallback included) and takes
+the median of their landmarks, coordinate by coordinate (:class:`biometry.inference.
+LandmarkPredictor` does it), so one member's miss is outvoted instead of averaged in
+(docs/experiments.md, "median of the seeds").
+An ensemble is saved like any model (``model.pt`` holds one state dict, keys ``members.K.*``;
+``model.yaml`` names :data:`ENSEMBLE` as its architecture and lists the members' architectures
+and options and the combine), so every command loads it the same way.
 
 Example:
     >>> import torch
@@ -22,16 +27,25 @@ from torch import nn
 from biometry.models._registry import create_model
 
 ENSEMBLE = "ensemble"
+ENSEMBLE_COMBINES = ("maps", "median")
 
 
 class MeanOfModels(nn.Module):
-    """The members' raw output maps (heatmaps and mask logits alike), averaged."""
+    """The members' raw output maps (heatmaps and mask logits alike), averaged.
 
-    def __init__(self, members: list[nn.Module]):
+    ``combine`` says how a predictor combines the members (:data:`ENSEMBLE_COMBINES`);
+    ``forward`` is the ``"maps"`` way whatever it says.
+    """
+
+    def __init__(self, members: list[nn.Module], *, combine: str = "maps"):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member.")
+        if combine not in ENSEMBLE_COMBINES:
+            raise ValueError(f"ensemble 'combine' must be one of {ENSEMBLE_COMBINES} but got "
+                             f"{combine!r}.")
         self.members = nn.ModuleList(members)
+        self.combine = combine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = [member(x) for member in self.members]
@@ -41,8 +55,9 @@ class MeanOfModels(nn.Module):
         return torch.stack(outputs).mean(dim=0)
 
 
-def create_ensemble(members: list[dict[str, Any]]) -> MeanOfModels:
-    """An ensemble of ``create_model(m["architecture"], **m["model_kwargs"])`` for each member."""
+def create_ensemble(members: list[dict[str, Any]], *, combine: str = "maps") -> MeanOfModels:
+    """An ensemble of ``create_model(m["architecture"], **m["model_kwargs"])`` for each member,
+    combined the ``combine`` way (:data:`ENSEMBLE_COMBINES`)."""
     if not isinstance(members, list) or not members:
         raise ValueError(f"ensemble 'members' must be a non-empty list but got {members!r}.")
     models = []
@@ -52,4 +67,4 @@ def create_ensemble(members: list[dict[str, Any]]) -> MeanOfModels:
         if member["architecture"] == ENSEMBLE:
             raise ValueError(f"ensemble member {k} cannot itself be an ensemble.")
         models.append(create_model(member["architecture"], **dict(member.get("model_kwargs") or {})))
-    return MeanOfModels(models)
+    return MeanOfModels(models, combine=combine)
