@@ -37,6 +37,8 @@ OBJECTIVE = "val_measure_l1_mm"
 BEST_OBJECTIVE = f"best_{OBJECTIVE}"
 PRESETS_DIR = REPO_ROOT / "configs" / "presets"
 TOP_COLUMNS = ("bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", OBJECTIVE)
+# biometry.models.ENSEMBLE_COMBINES, here without importing torch (a preset is checked first)
+FINAL_COMBINES = ("maps", "median")
 
 
 # what the final retrain must share with the search: its data split (it is validated, and
@@ -71,8 +73,12 @@ class SearchSettings:
     # say: the search ranks configs cheaply, the retrain spends more); {} = the best config as is
     final_overrides: dict = dataclasses.field(default_factory=dict)
     # > 1: the final retrain trains the best config with this many seeds at once (train.seed,
-    # train.seed + 1, ...) on its slots, and final/ is their ensemble (output maps averaged)
+    # train.seed + 1, ...) on its slots, and final/ is their ensemble
     final_seeds: int = 1
+    # how final/ combines the seeds (FINAL_COMBINES): "median" of their decoded landmarks, or
+    # "maps", their output maps averaged before decoding (docs/experiments.md, "median of the
+    # seeds"); --resume with another value rebuilds final/ from the seeds, retraining nothing
+    final_combine: str = "median"
     synthetic_images: int = 0  # > 0: train on this many synthetic images (smoke tests)
 
     def validate(self, source: str) -> None:
@@ -87,6 +93,8 @@ class SearchSettings:
             (self.max_failures >= 0, "max_failures", "cannot be negative", self.max_failures),
             (self.final_epochs >= 0, "final_epochs", "cannot be negative", self.final_epochs),
             (self.final_seeds >= 1, "final_seeds", "must be >= 1", self.final_seeds),
+            (self.final_combine in FINAL_COMBINES, "final_combine",
+             f"must be one of {FINAL_COMBINES}", self.final_combine),
         ]
         for ok, key, requirement, value in checks:
             if not ok:
@@ -165,6 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--final-seeds", type=int, help="train the final retrain with N seeds at once "
                                                    "and keep their ensemble (default: the "
                                                    "preset's)")
+    p.add_argument("--final-combine", choices=FINAL_COMBINES,
+                   help="how final/ combines the seeds: the median of their landmarks or their "
+                        "maps averaged (default: the preset's)")
     p.add_argument("--exclude-outliers", type=float, help="drop this top fraction of training "
                                                           "labels by EDA outlier score")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -205,7 +216,7 @@ def apply_flags(preset: Preset, args: argparse.Namespace) -> Preset:
                  "gpus_per_trial": args.gpus_per_trial, "time_budget_min": args.time_budget_min,
                  "seed": args.seed, "space": args.space, "max_failures": args.max_failures,
                  "max_concurrent_trials": args.max_concurrent, "final_epochs": args.final_epochs,
-                 "final_seeds": args.final_seeds}
+                 "final_seeds": args.final_seeds, "final_combine": args.final_combine}
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
     s.validate("command line")
     trial = json.loads(json.dumps(preset.trial))
@@ -364,12 +375,17 @@ def run_search(args: argparse.Namespace) -> int:
                          data=data, storage=storage, name=name, run_dir=run_dir,
                          tracking_uri=tracking_uri, callback=callback)
         write_json(run_dir / "summary.json", summary)  # the search is done: --resume won't refit it
-    if settings.final_epochs and summary.get("top") and not final_done(summary, settings,
-                                                                      run_dir=run_dir):
-        final_retrain(summary, settings=settings, run_dir=run_dir, name=name, storage=storage,
-                      data=data, base_trial=preset.trial, tracking_uri=tracking_uri,
-                      artifact_location=None if args.mlflow_uri
-                      else (run_dir / "mlartifacts").as_uri())
+    artifact_location = None if args.mlflow_uri else (run_dir / "mlartifacts").as_uri()
+    if settings.final_epochs and summary.get("top"):
+        if not final_done(summary, settings, run_dir=run_dir):
+            final_retrain(summary, settings=settings, run_dir=run_dir, name=name, storage=storage,
+                          data=data, base_trial=preset.trial, tracking_uri=tracking_uri,
+                          artifact_location=artifact_location)
+        elif summary["final"].get("ensemble") and \
+                summary["final"].get("combine", "maps") != settings.final_combine:
+            recombine_final(summary, combine=settings.final_combine, run_dir=run_dir, name=name,
+                            data=data, tracking_uri=tracking_uri,
+                            artifact_location=artifact_location)
     callback.finish_search([], summary=summary)
     summary["mlflow_gaps"] = callback.gaps
     write_json(run_dir / "summary.json", summary)
@@ -527,14 +543,13 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
     (``max_concurrent_trials`` times a trial's CPUs as far as one node has them; one GPU). With
     ``final_seeds`` N > 1 it is trained N times at once with the seeds ``train.seed``,
     ``train.seed + 1``, ... sharing those slots; each seed's best epoch goes to
-    ``final_members/seedK/`` and ``final/`` is their ensemble (output maps averaged), measured on
-    the validation split here. It is a Ray Tune run of its own (``NAME-final`` beside the search,
+    ``final_members/seedK/`` and ``final/`` is their ensemble (combined the
+    ``settings.final_combine`` way), measured on the validation split here. It is a Ray Tune run of its own (``NAME-final`` beside the search,
     resumable with ``--resume``), logged in MLflow under the search's parent run with
     ``role=final`` (one run per seed; the ensemble ``role=final_ensemble``). ``best/`` stays the
     best trial's model; ``final/`` becomes ``summary["selected_model"]`` if it validates better.
     """
     from search import tune_api
-    from search.tracking import MlflowSearchLogger
     from trainables.tune_trial import tune_trainable
 
     cpus, gpus = tune_api.final_trial_resources(cpus_per_trial=settings.cpus_per_trial,
@@ -556,9 +571,7 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
     what = f"seeds {', '.join(map(str, seeds))} at once, " if len(seeds) > 1 else ""
     print(f"\nfinal retrain: the best config for {settings.final_epochs} epochs{changed}, {what}on "
           f"{cpus:g} CPU / {gpus:g} GPU each ({path})")
-    callback = MlflowSearchLogger(tracking_uri=tracking_uri, experiment_name=name,
-                                  search_name=name, objective=OBJECTIVE,
-                                  artifact_location=artifact_location, trial_role="final")
+    callback = final_logger(name, tracking_uri=tracking_uri, artifact_location=artifact_location)
     if tune_api.can_restore(path):
         tuner = tune_api.restore_tuner(path, tune_trainable, data=data, base_config=base_trial,
                                        cpus_per_trial=cpus, gpus_per_trial=gpus)
@@ -593,36 +606,77 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
     if failed:
         print(f"warning: the final retrain of seed(s) {failed} gave no result; final/ holds the "
               f"other seeds", file=sys.stderr)
-    if len(seeds) == 1:
-        final.update(best_epoch=members[0]["best_epoch"], metrics=members[0]["metrics"])
-    else:
-        metrics = save_ensemble(folders, data=data, destination=run_dir / "final")
-        final.update(members=members, ensemble=True, metrics=metrics)
-        callback.log_extra_run(role="final_ensemble", run_name=f"{name}-final-ensemble",
-                               params={"seeds": [m["seed"] for m in members if "error" not in m],
-                                       "members": [str(f) for f in folders]},
-                               metrics=metrics, model_folder=run_dir / "final")
-    selected = final["metrics"][OBJECTIVE] < summary["metrics"][OBJECTIVE]
-    final.update(model=str(run_dir / "final"), selected=selected)
-    summary["final"] = final
-    summary["selected_model"] = str(run_dir / ("final" if selected else "best"))
     for member in members if len(seeds) > 1 else []:
         if "metrics" in member:
             print(f"final retrain, seed {member['seed']}: {OBJECTIVE} "
                   f"{member['metrics'][OBJECTIVE]:.3f} mm at epoch {member['best_epoch']}")
-    where = f"at epoch {final['best_epoch']}" if len(seeds) == 1 else \
-        f"for the ensemble of {len(folders)} seeds"
+    if len(seeds) == 1:
+        final.update(best_epoch=members[0]["best_epoch"], metrics=members[0]["metrics"])
+        select_final(summary, final, run_dir=run_dir, where=f"at epoch {final['best_epoch']}")
+    else:
+        final["members"] = members
+        ensemble_final(summary, final, combine=settings.final_combine, run_dir=run_dir,
+                       name=name, data=data, callback=callback)
+
+
+def final_logger(name: str, *, tracking_uri: str, artifact_location: str | None):
+    from search.tracking import MlflowSearchLogger
+
+    return MlflowSearchLogger(tracking_uri=tracking_uri, experiment_name=name, search_name=name,
+                              objective=OBJECTIVE, artifact_location=artifact_location,
+                              trial_role="final")
+
+
+def ensemble_final(summary: dict[str, Any], final: dict[str, Any], *, combine: str,
+                   run_dir: Path, name: str, data, callback) -> None:
+    """``final/`` = the ensemble of ``final["members"]`` that trained, combined the ``combine``
+    way, measured on validation, logged in MLflow (``role=final_ensemble``, tag ``combine``) and
+    selected if it validates better than the best trial."""
+    folders = [Path(m["model"]) for m in final["members"] if "error" not in m]
+    metrics = save_ensemble(folders, data=data, destination=run_dir / "final", combine=combine)
+    final.update(ensemble=True, combine=combine, metrics=metrics)
+    final["ensemble_run_id"] = callback.log_extra_run(
+        role="final_ensemble", run_name=f"{name}-final-ensemble-{combine}",
+        params={"seeds": [m["seed"] for m in final["members"] if "error" not in m],
+                "members": [str(f) for f in folders], "combine": combine},
+        metrics=metrics, model_folder=run_dir / "final", tags={"combine": combine})
+    select_final(summary, final, run_dir=run_dir,
+                 where=f"for the {combine} ensemble of {len(folders)} seeds")
+
+
+def select_final(summary: dict[str, Any], final: dict[str, Any], *, run_dir: Path,
+                 where: str) -> None:
+    selected = final["metrics"][OBJECTIVE] < summary["metrics"][OBJECTIVE]
+    final.update(model=str(run_dir / "final"), selected=selected)
+    summary["final"] = final
+    summary["selected_model"] = str(run_dir / ("final" if selected else "best"))
     print(f"final retrain: {OBJECTIVE} {final['metrics'][OBJECTIVE]:.3f} mm {where} (best trial "
           f"{summary['metrics'][OBJECTIVE]:.3f} mm); selected model: {summary['selected_model']}")
 
 
-def save_ensemble(folders: list[Path], *, data, destination: Path) -> dict[str, float]:
-    """Write the ensemble of the model ``folders`` to ``destination``, measured on the
-    validation split the way a trial measures an epoch; return its metrics."""
+def recombine_final(summary: dict[str, Any], *, combine: str, run_dir: Path, name: str, data,
+                    tracking_uri: str, artifact_location: str | None) -> None:
+    """A finished final retrain's seeds combined another way: ``final/`` rebuilt from
+    ``final_members/``, measured and selected again; nothing is retrained."""
+    final = dict(summary["final"])
+    previous = final.get("combine", "maps")
+    print(f"final retrain: done earlier; its ensemble combined the {previous} way, the preset "
+          f"asks for {combine}: rebuilding final/ from its seeds")
+    final.pop("ensemble_run_id", None)
+    callback = final_logger(name, tracking_uri=tracking_uri, artifact_location=artifact_location)
+    ensemble_final(summary, final, combine=combine, run_dir=run_dir, name=name, data=data,
+                   callback=callback)
+
+
+def save_ensemble(folders: list[Path], *, data, destination: Path,
+                  combine: str = "median") -> dict[str, float]:
+    """Write the ensemble of the model ``folders`` (combined the ``combine`` way) to
+    ``destination``, measured on the validation split the way a trial measures an epoch; return
+    its metrics."""
     from biometry.inference import LandmarkPredictor, ensemble_of, save_model_folder
     from trainables.train import validate_into_spec
 
-    model, spec = ensemble_of(folders)
+    model, spec = ensemble_of(folders, combine=combine)
     metrics = validate_into_spec(LandmarkPredictor(model, spec), data.val)
     save_model_folder(destination, model, spec)
     return reported_metrics(metrics)

@@ -198,16 +198,20 @@ class MlflowSearchLogger(Callback):
         self.finish_search(trials)
 
     def log_extra_run(self, *, role: str, run_name: str, params: dict[str, Any],
-                      metrics: dict[str, float], model_folder: Path) -> str | None:
+                      metrics: dict[str, float], model_folder: Path,
+                      tags: dict[str, str] | None = None) -> str | None:
         """A child run of the search that no Ray trial made (the final retrain's ensemble):
-        its params, metrics and model folder; found again by ``role`` on a resume."""
+        its params, metrics and model folder; found again by ``role`` and ``tags`` on a resume
+        (another tag value, another run)."""
         parent = self.ensure_parent()
+        extra = dict(tags or {})
 
         def log():
             run_id = self._find_run(f"tags.search_name = '{self.search_name}' and "
-                                    f"tags.role = '{role}'")
+                                    f"tags.role = '{role}'"
+                                    + "".join(f" and tags.{k} = '{v}'" for k, v in extra.items()))
             if run_id is None:
-                tags = {"search_name": self.search_name, "role": role}
+                tags = {"search_name": self.search_name, "role": role, **extra}
                 if parent:
                     tags["mlflow.parentRunId"] = parent
                 run_id = self.client.create_run(self._ensure_experiment(), run_name=run_name,

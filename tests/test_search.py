@@ -157,8 +157,10 @@ def test_final_retrain_trains_the_best_config_longer_and_selects_the_better(tmp_
 def test_final_seeds_train_at_once_and_final_is_their_ensemble(tmp_path, ray_session):
     """search.final_seeds 2: the best config is retrained with seeds 0 and 1 at once on the
     search's two slots (one thread each); final/ is their ensemble, measured on validation,
-    loadable like any model; MLflow holds one run per seed and one for the ensemble; a resume
-    retrains nothing and another seed count is refused."""
+    loadable like any model, combined by the median of the seeds' landmarks (the default);
+    MLflow holds one run per seed and one for the ensemble; a resume retrains nothing, another
+    seed count is refused, and another combine rebuilds final/ from the seeds without
+    retraining them."""
     preset = write_preset(tmp_path / "p.yaml", num_samples=1, epochs=1, concurrent=2,
                           final_epochs=2, final_seeds=2)
     argv = ["--preset", str(preset), "--out", str(tmp_path / "runs"), "--name", "ens"]
@@ -178,7 +180,8 @@ def test_final_seeds_train_at_once_and_final_is_their_ensemble(tmp_path, ray_ses
         assert spec["trial_config"]["train"]["epochs"] == 2
         members.append(load_model_folder(member["model"])[0])
     model, spec = load_model_folder(run_dir / "final")
-    assert spec.architecture == "ensemble"
+    assert spec.architecture == "ensemble" and spec.model_kwargs["combine"] == "median"
+    assert final["combine"] == "median"
     assert [m["seed"] for m in spec.model_kwargs["members"]] == [0, 1]
     assert spec.metrics[objective] == pytest.approx(final["metrics"][objective])
     assert spec.uncertainty_threshold is not None
@@ -204,6 +207,23 @@ def test_final_seeds_train_at_once_and_final_is_their_ensemble(tmp_path, ray_ses
     with pytest.raises(BiometryInputError, match="trained 2 seed.s., the preset asks for "
                                                  "search.final_seeds 3"):
         search_run.run_search(search_run.parse_args([*argv, "--resume", "--final-seeds", "3"]))
+
+    seeds_written = {m["model"]: (Path(m["model"]) / "model.pt").stat().st_mtime_ns
+                     for m in final["members"]}
+    assert search_run.main([*argv, "--resume", "--final-combine", "maps"]) == 0
+    rebuilt = json.loads((run_dir / "summary.json").read_text())["final"]
+    assert rebuilt["combine"] == "maps" and rebuilt["members"] == final["members"]
+    assert {m: (Path(m) / "model.pt").stat().st_mtime_ns for m in seeds_written} == seeds_written
+    model, spec = load_model_folder(run_dir / "final")
+    assert spec.model_kwargs["combine"] == "maps"
+    assert spec.metrics[objective] == pytest.approx(rebuilt["metrics"][objective])
+    _, after = mlflow_runs(run_dir, "ens")
+    assert len([r for r in after if r.data.tags.get("role") == "final"]) == 2  # none retrained
+    by_combine = {r.data.tags.get("combine"): r for r in after
+                  if r.data.tags.get("role") == "final_ensemble"}
+    assert set(by_combine) == {"median", "maps"}
+    assert by_combine["maps"].info.run_id == rebuilt["ensemble_run_id"]
+    assert by_combine["maps"].data.metrics[objective] == pytest.approx(rebuilt["metrics"][objective])
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -377,6 +377,10 @@ case("search-preset-unknown-key", ["preset.yaml", "unknown key 'search.num_trial
 case("search-preset-wrong-type", ["preset.yaml", "'search.num_samples' must be int"],
      lambda d, fx: [*SEARCH, "--preset", preset_yaml(d, {"num_samples": "ten"}),
                     "--out", out(d)])
+case("search-preset-bad-final-combine", ["preset.yaml", "'search.final_combine' must be one of "
+                                                        "('maps', 'median') but got 'mean'"],
+     lambda d, fx: [*SEARCH, "--preset", preset_yaml(d, {"final_combine": "mean"}),
+                    "--out", out(d)])
 case("search-preset-unknown-section", ["preset.yaml", "unknown key 'tune'"],
      lambda d, fx: [*SEARCH, "--preset", preset_yaml(d, extra="tune: {x: 1}\n"),
                     "--out", out(d)])
