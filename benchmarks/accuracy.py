@@ -29,7 +29,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(REPO.parent / "shared/data/hc18"))
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--time-budget-min", type=float, default=60)
+    p.add_argument("--time-budget-min", type=float, default=60.0)  # str() as when typed
     p.add_argument("--num-samples", type=int, default=200)
     p.add_argument("--name", default=time.strftime("accuracy-%Y%m%d-%H%M%S"))
     p.add_argument("--out", default=str(REPO / "runs"))

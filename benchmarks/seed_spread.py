@@ -1,4 +1,4 @@
-"""One recipe trained with several seeds: how far its figures move, and what averaging them does.
+"""One recipe trained with several seeds: how far its figures move, and what combining them does.
 
     python benchmarks/seed_spread.py --models runs/acc-cpu-v5/final runs/exp/e36/best \\
         runs/exp/e37/best --name acc-cpu-v5 [--test]
@@ -7,8 +7,9 @@ Each model folder (the same recipe with another ``train.seed``, on the same subj
 evaluated on the validation split the way ``evaluate`` does it (``LandmarkPredictor.predict``:
 second looks and the model's mask fallback), with the errors of the early-gestation heads
 (HC < 100 mm) apart from the rest and the images off by more than 20 mm of HC. The seeds'
-ensemble (``biometry.inference.ensemble_of``: their output maps averaged before decoding, the
-first model's decoding; what ``search.final_seeds`` builds) is evaluated on validation only.
+ensemble (``biometry.inference.ensemble_of``: what ``search.final_seeds`` builds), each way of
+combining them (``search.final_combine``: their output maps averaged before decoding, or the
+median of their decoded landmarks), is evaluated on validation only.
 ``--test`` adds each single model's test-split reading, to report the spread of one recipe; the
 ensemble is never evaluated on the test split here, so that whether to build ensembles into the
 product is decided on validation. Prints a table and writes
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ from biometry.errors import BiometryInputError  # noqa: E402
 from biometry.evaluation import predict_records, select_split  # noqa: E402
 from biometry.inference import LandmarkPredictor, ensemble_of, load_model_spec  # noqa: E402
 from biometry.io import import_dataset  # noqa: E402
+from biometry.models import ENSEMBLE_COMBINES, MeanOfModels  # noqa: E402
 from biometry.metrics import measurements_mm, per_image_errors  # noqa: E402
 
 
@@ -75,10 +78,15 @@ def main() -> int:
             row[split] = error_row(predict_records(predictor, split_records).landmarks,
                                    split_records)
         rows.append(row)
-    ensemble = LandmarkPredictor(ensemble_model, ensemble_spec)
-    ensemble_row = {"models": args.models,
-                    "val": error_row(predict_records(ensemble, by_split["val"]).landmarks,
-                                     by_split["val"])}
+    ensembles = {}
+    for combine in ENSEMBLE_COMBINES:  # the members already loaded, combined each way
+        spec = replace(ensemble_spec, model_kwargs={**ensemble_spec.model_kwargs,
+                                                    "combine": combine})
+        ensemble = LandmarkPredictor(MeanOfModels(list(ensemble_model.members), combine=combine),
+                                     spec)
+        ensembles[combine] = {"models": args.models, "combine": combine,
+                              "val": error_row(predict_records(ensemble, by_split["val"])
+                                               .landmarks, by_split["val"])}
 
     def line(label: str, r: dict) -> str:
         early = "-" if not r["early_images"] else f"{r['hc_early_l1_mm']:.2f}"
@@ -91,12 +99,13 @@ def main() -> int:
         for row in rows:
             print(line(f"seed {row['seed']} {row['model']}", row[split]))
         if split == "val":
-            print(line("ensemble (maps averaged)", ensemble_row["val"]))
+            for combine, row in ensembles.items():
+                print(line(f"ensemble ({combine})", row["val"]))
     spread = {split: {key: [row[split][key] for row in rows]
                       for key in ("bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", "val_measure_l1_mm")}
               for split in splits}
     path = write_result(f"seed_spread_{args.name}", {
-        "models": rows, "ensemble": ensemble_row, "spread": spread,
+        "models": rows, "ensembles": ensembles, "spread": spread,
         "note": "test figures, where present, report one recipe's seed spread; nothing is "
                 "chosen from them, and the ensemble is not read on the test split"})
     print(f"wrote {path}")
