@@ -544,10 +544,11 @@ def final_retrain(summary: dict[str, Any], *, settings: SearchSettings, run_dir:
     ``final_seeds`` N > 1 it is trained N times at once with the seeds ``train.seed``,
     ``train.seed + 1``, ... sharing those slots; each seed's best epoch goes to
     ``final_members/seedK/`` and ``final/`` is their ensemble (combined the
-    ``settings.final_combine`` way), measured on the validation split here. It is a Ray Tune run of its own (``NAME-final`` beside the search,
-    resumable with ``--resume``), logged in MLflow under the search's parent run with
-    ``role=final`` (one run per seed; the ensemble ``role=final_ensemble``). ``best/`` stays the
-    best trial's model; ``final/`` becomes ``summary["selected_model"]`` if it validates better.
+    ``settings.final_combine`` way), measured on the validation split here. It is a Ray Tune run
+    of its own (``NAME-final`` beside the search, resumable with ``--resume``), logged in MLflow
+    under the search's parent run with ``role=final`` (one run per seed; the ensemble
+    ``role=final_ensemble``). ``best/`` stays the best trial's model; ``final/`` becomes
+    ``summary["selected_model"]`` if it validates better.
     """
     from search import tune_api
     from trainables.tune_trial import tune_trainable
@@ -659,17 +660,16 @@ def recombine_final(summary: dict[str, Any], *, combine: str, run_dir: Path, nam
     """A finished final retrain's seeds combined another way: ``final/`` rebuilt from
     ``final_members/``, measured and selected again; nothing is retrained."""
     final = dict(summary["final"])
-    previous = final.get("combine", "maps")
-    print(f"final retrain: done earlier; its ensemble combined the {previous} way, the preset "
-          f"asks for {combine}: rebuilding final/ from its seeds")
-    final.pop("ensemble_run_id", None)
+    print(f"final retrain: done earlier; its ensemble combined the "
+          f"{final.get('combine', 'maps')} way, the preset asks for {combine}: rebuilding final/ "
+          f"from its seeds")
     callback = final_logger(name, tracking_uri=tracking_uri, artifact_location=artifact_location)
     ensemble_final(summary, final, combine=combine, run_dir=run_dir, name=name, data=data,
                    callback=callback)
 
 
 def save_ensemble(folders: list[Path], *, data, destination: Path,
-                  combine: str = "median") -> dict[str, float]:
+                  combine: str) -> dict[str, float]:
     """Write the ensemble of the model ``folders`` (combined the ``combine`` way) to
     ``destination``, measured on the validation split the way a trial measures an epoch; return
     its metrics."""
