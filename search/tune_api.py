@@ -39,7 +39,43 @@ def connect(*, dashboard_port: int | None = None, num_cpus: int | None = None,
             kwargs["num_cpus"] = num_cpus
     context = ray.init(**kwargs)
     logging.getLogger("ray").setLevel(logging.WARNING)  # Tune's warnings during the search
+    quiet_snapshot_races()
     return {"dashboard_url": getattr(context, "dashboard_url", None) or ""}
+
+
+# Ray writes the searcher's state to a temporary file and renames it while a background copy of
+# the same folder to storage_path may still be listing it; that copy then fails on the vanished
+# file and Ray logs a traceback. Nothing is lost: the next snapshot copies the renamed file, and
+# Tune's last snapshot is forced and waited for. These loggers report such a failure.
+SNAPSHOT_LOGGERS = ("ray.tune.execution.experiment_state", "ray.train._internal.syncer")
+
+
+class SnapshotRaceFilter(logging.Filter):
+    """Turns Ray's traceback for a snapshot copy that lost one of Ray's own temporary files into
+    one line; every other record passes untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.is_temp_file_race(record):
+            record.msg = ("Ray's experiment-state snapshot missed a temporary file Ray renamed "
+                          "mid-copy; the next snapshot copies it (nothing lost)")
+            record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+        return True
+
+    @staticmethod
+    def is_temp_file_race(record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            return isinstance(error, FileNotFoundError) and "-tmp-" in str(error)
+        # the syncer puts the traceback in the message: its last line names the exception
+        lines = record.getMessage().strip().splitlines()
+        return bool(lines) and lines[-1].startswith("FileNotFoundError") and "-tmp-" in lines[-1]
+
+
+def quiet_snapshot_races() -> None:
+    for name in SNAPSHOT_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, SnapshotRaceFilter) for f in target.filters):
+            target.addFilter(SnapshotRaceFilter())
 
 
 def dashboard_url(info: dict[str, Any]) -> str:

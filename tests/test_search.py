@@ -339,3 +339,69 @@ def test_a_trial_the_study_file_already_ended_is_left_as_it_is_after_a_resume(tm
     study = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED]
+
+
+def _log_through(logger_name: str, emit) -> str:
+    import io
+    import logging
+
+    from search.tune_api import quiet_snapshot_races
+    quiet_snapshot_races()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    target = logging.getLogger(logger_name)
+    target.addHandler(handler)
+    try:
+        emit(target)
+    finally:
+        target.removeHandler(handler)
+    return stream.getvalue()
+
+
+def _copy_error(tmp_path: Path, name: str) -> FileNotFoundError:
+    """The error pyarrow raises when a file it was told to copy is gone (Ray's snapshot race)."""
+    import pyarrow.fs
+    try:
+        pyarrow.fs.copy_files(str(tmp_path / name), str(tmp_path / "out.pkl"))
+    except FileNotFoundError as error:
+        return error
+    raise AssertionError("pyarrow copied a file that does not exist")
+
+
+def test_rays_snapshot_race_on_its_temporary_file_is_one_line(tmp_path):
+    import traceback
+    race = _copy_error(tmp_path, ".5c5d-tmp-searcher-state-2026.pkl")
+
+    def experiment_state_error(target):  # how ray.tune.execution.experiment_state logs it
+        try:
+            raise race
+        except FileNotFoundError:
+            target.error("Saving experiment state to storage at 'x' failed with exception: ",
+                         exc_info=True)
+
+    def syncer_warning(target):  # how ray.train._internal.syncer logs it
+        try:
+            raise race
+        except FileNotFoundError:
+            target.warning(f"Last sync command failed with the following error:\n"
+                           f"{traceback.format_exc()}")
+
+    for name, emit in (("ray.tune.execution.experiment_state", experiment_state_error),
+                       ("ray.train._internal.syncer", syncer_warning)):
+        text = _log_through(name, emit)
+        assert "Traceback" not in text and text.count("\n") == 1, text
+        assert "nothing lost" in text, text
+
+
+def test_other_snapshot_errors_keep_their_traceback(tmp_path):
+    lost = _copy_error(tmp_path, "experiment_state-2026.json")  # not one of Ray's temporary files
+
+    def emit(target):
+        try:
+            raise lost
+        except FileNotFoundError:
+            target.error("Saving experiment state to storage failed with exception: ",
+                         exc_info=True)
+
+    text = _log_through("ray.tune.execution.experiment_state", emit)
+    assert "Traceback" in text and "experiment_state-2026.json" in text, text
