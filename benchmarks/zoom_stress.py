@@ -1,7 +1,7 @@
 """Scale stress test on the validation split: how a model measures heads smaller in the frame.
 
     python benchmarks/zoom_stress.py --model runs/NAME/best --zooms 1.0 0.7 0.5 [--name NAME]
-        [--second-look-quantile Q] [--mask-fallback T]
+        [--second-look-quantile Q] [--mask-fallback T] [--mask-small-heads MM]
 
 Each validation image of the model's own subject split is shrunk by a factor and centred on a
 black frame of the original size (the head gets smaller in the frame, as in zoomed-out scans);
@@ -9,7 +9,7 @@ labels move with it and the pixel spacing is divided by the factor, so errors st
 test split is never read. ``--second-look-quantile Q`` replaces the model's second-look range by
 the [Q, 1 - Q] quantiles of its own training split's heads (0: no second look), to compare the
 option on one set of weights; ``--mask-fallback T`` sets the model's fallback to its mask's
-ellipse. Writes ``benchmarks/results/zoom_stress_NAME.json``.
+ellipse, ``--mask-small-heads MM`` the HC under which its mask's ellipse measures a head. Writes ``benchmarks/results/zoom_stress_NAME.json``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine_info  # noqa: E402
-from biometry.commands.evaluate import mask_fallback_option  # noqa: E402
+from biometry.commands.evaluate import mask_fallback_option, mask_small_heads_option  # noqa: E402
 from biometry.evaluation import select_split  # noqa: E402
 from biometry.geometry import diameter_lengths  # noqa: E402
 from biometry.inference import LandmarkPredictor, head_scale_range  # noqa: E402
@@ -58,9 +58,13 @@ def main() -> int:
                    help="override the model's second-look range (0 = off)")
     p.add_argument("--mask-fallback", default=None,
                    help="override the model's fallback to its mask's ellipse ('off': none)")
+    p.add_argument("--mask-small-heads", default=None,
+                   help="override the HC (mm) under which the mask's ellipse measures a head "
+                        "('off': never)")
     args = p.parse_args()
 
-    predictor = LandmarkPredictor.from_folder(args.model, mask_fallback=mask_fallback_option(args))
+    predictor = LandmarkPredictor.from_folder(args.model, mask_fallback=mask_fallback_option(args),
+                                              mask_small_head_mm=mask_small_heads_option(args))
     all_records = import_dataset(args.data).records
     records = select_split(all_records, predictor.spec, "val", data=args.data)
     if args.second_look_quantile is not None:
@@ -75,7 +79,7 @@ def main() -> int:
     rows = []
     for factor in args.zooms:
         pairs = [zoom_out(img, r.landmarks.astype(float), factor) for img, r in zip(images, records)]
-        coords, _ = predictor.predict([img for img, _ in pairs])
+        coords, _ = predictor.predict([img for img, _ in pairs], pixel_mm=spacing / factor)
         errors = per_image_errors(coords, np.stack([t for _, t in pairs]), spacing / factor)
         row = {"zoom": factor, "images": len(records)}
         for m in ("bpd", "ofd", "hc"):
@@ -92,6 +96,7 @@ def main() -> int:
                                "model": str(Path(args.model).resolve()), "machine": machine_info(),
                                "head_scale": predictor.spec.head_scale,
                                "mask_fallback": predictor.mask_fallback,
+                               "mask_small_head_mm": predictor.mask_small_head_mm,
                                "results": rows}, indent=2))
     print(f"wrote {out}")
     return 0

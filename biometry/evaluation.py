@@ -109,8 +109,10 @@ def read_predictions_csv(path: str | Path) -> pd.DataFrame:
 
 
 def predict_files(predictor, paths: Sequence[str | Path], *, batch_size: int = 16,
-                  threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                  threads: int = 2,
+                  pixel_mm: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode and predict image files batch by batch (only one batch is held in memory).
+    ``pixel_mm``: each file's pixel size, for a model that measures small heads by its mask.
 
     Returns ``(landmarks (N, 4, 2) original pixels, uncertainty (N,))``. A file that cannot be
     decoded raises :class:`BiometryInputError` naming it.
@@ -121,7 +123,8 @@ def predict_files(predictor, paths: Sequence[str | Path], *, batch_size: int = 1
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for start in range(0, len(paths), batch_size):
             images = list(pool.map(read_grayscale, paths[start:start + batch_size]))
-            c, u = predictor.predict(images, batch_size=batch_size)
+            spacing = None if pixel_mm is None else pixel_mm[start:start + batch_size]
+            c, u = predictor.predict(images, batch_size=batch_size, pixel_mm=spacing)
             coords.append(c)
             uncertainty.append(np.asarray(u, dtype=np.float64).reshape(-1))
     if not coords:
@@ -132,7 +135,8 @@ def predict_files(predictor, paths: Sequence[str | Path], *, batch_size: int = 1
 def predict_paths(predictor, names: Sequence[str], paths: Sequence[str | Path],
                   pixel_mm: Sequence[float], *, batch_size: int = 16) -> Predictions:
     """Predict image files and package the result with names, spacing and the triage flag."""
-    landmarks, uncertainty = predict_files(predictor, paths, batch_size=batch_size)
+    landmarks, uncertainty = predict_files(predictor, paths, batch_size=batch_size,
+                                           pixel_mm=list(pixel_mm))
     return Predictions(names=list(names), landmarks=landmarks,
                        pixel_mm=np.asarray(pixel_mm, dtype=np.float64), uncertainty=uncertainty,
                        flagged=np.asarray(predictor.flagged(uncertainty), dtype=int))

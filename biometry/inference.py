@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -60,6 +60,11 @@ class ModelSpec:
     # a model with a mask channel: an image whose landmark HC and the HC of the ellipse fitted to
     # the mask (first look) differ by more than this fraction is measured by the mask's ellipse
     mask_fallback: float | None = None
+    # a model with a mask channel: an image whose mask ellipse (of the look the landmarks come
+    # from) measures an HC under this many mm is measured by that ellipse; needs each image's
+    # pixel size (LandmarkPredictor.predict(pixel_mm=...)). Early-gestation heads: the mask
+    # measures them better than the landmarks (docs/experiments.md, "small heads by the mask")
+    mask_small_head_mm: float | None = None
     uncertainty_threshold: float | None = None
     coverage_target: float = 0.9
     metrics: dict[str, float] = field(default_factory=dict)
@@ -111,6 +116,11 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
                                      and not isinstance(fallback, bool) and fallback >= 0):
         raise BiometryInputError(f"{spec_path}: 'mask_fallback' must be empty or a number >= 0 "
                                  f"but got {fallback!r}")
+    small = spec.mask_small_head_mm
+    if small is not None and not (isinstance(small, (int, float)) and not isinstance(small, bool)
+                                  and math.isfinite(small) and small > 0):
+        raise BiometryInputError(f"{spec_path}: 'mask_small_head_mm' must be empty or a number "
+                                 f"> 0 but got {small!r}")
     return spec
 
 
@@ -270,7 +280,8 @@ class LandmarkPredictor:
     """
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, *, device: str | torch.device = "cpu",
-                 flip_tta: bool | None = None, mask_fallback: float | str | None = None):
+                 flip_tta: bool | None = None, mask_fallback: float | str | None = None,
+                 mask_small_head_mm: float | str | None = None):
         self.model = model.eval()
         self.spec = spec
         self.device = torch.device(device)
@@ -281,21 +292,30 @@ class LandmarkPredictor:
             self.mask_fallback = None
         else:
             self.mask_fallback = spec.mask_fallback if mask_fallback is None else mask_fallback
+        if mask_small_head_mm == MASK_FALLBACK_OFF:
+            self.mask_small_head_mm = None
+        else:
+            self.mask_small_head_mm = (spec.mask_small_head_mm if mask_small_head_mm is None
+                                       else mask_small_head_mm)
         # a "median" ensemble: each member predicts on its own, the landmarks' median is kept
         self.members = [
             LandmarkPredictor(member, replace(spec, architecture=info["architecture"],
                                               model_kwargs=dict(info.get("model_kwargs") or {})),
                               device=device, flip_tta=self.flip_tta,
                               mask_fallback=MASK_FALLBACK_OFF if self.mask_fallback is None
-                              else self.mask_fallback)
+                              else self.mask_fallback,
+                              mask_small_head_mm=MASK_FALLBACK_OFF
+                              if self.mask_small_head_mm is None else self.mask_small_head_mm)
             for member, info in zip(model.members, spec.model_kwargs["members"])
         ] if isinstance(model, MeanOfModels) and model.combine == "median" else []
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, device: str = "cpu", flip_tta: bool | None = None,
-                    mask_fallback: float | str | None = None):
+                    mask_fallback: float | str | None = None,
+                    mask_small_head_mm: float | str | None = None):
         model, spec = load_model_folder(folder, device=device)
-        return cls(model, spec, device=device, flip_tta=flip_tta, mask_fallback=mask_fallback)
+        return cls(model, spec, device=device, flip_tta=flip_tta, mask_fallback=mask_fallback,
+                   mask_small_head_mm=mask_small_head_mm)
 
     def predict_input(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, 1, H, W) z-scored input -> (coords (B, 4, 2) input px, uncertainty (B,))."""
@@ -324,11 +344,14 @@ class LandmarkPredictor:
         return coords, uncertainty, masks
 
     def predict(self, images: list[np.ndarray], *, batch_size: int = 16,
-                letterboxed: list[tuple[np.ndarray, Letterbox]] | None = None):
+                letterboxed: list[tuple[np.ndarray, Letterbox]] | None = None,
+                pixel_mm: Sequence[float] | np.ndarray | None = None):
         """Original uint8 images of any size -> (coords (N, 4, 2) original px, uncertainty (N,)).
 
         ``letterboxed``: the images already letterboxed to the input, with their ``Letterbox``
         (validation keeps them from data preparation, so it does not redo them every epoch).
+        ``pixel_mm``: each image's pixel size; with it, a model with ``mask_small_head_mm``
+        measures a head whose mask ellipse is smaller than that by the ellipse (without it, never).
 
         With ``spec.head_scale``, a head whose first-look OFD lies outside the range of the
         training heads is looked at again, rendered centred so that its OFD is the training
@@ -343,11 +366,12 @@ class LandmarkPredictor:
         """
         if self.members:
             return median_of([member.predict(images, batch_size=batch_size,
-                                             letterboxed=letterboxed)
+                                             letterboxed=letterboxed, pixel_mm=pixel_mm)
                               for member in self.members])
         first = letterboxed or [letterbox(img, None, self.spec.input_hw)[::2] for img in images]
         boxes = [box for _, box in first]
-        fallback = self.mask_fallback is not None
+        small_heads = self.mask_small_head_mm is not None and pixel_mm is not None
+        fallback = self.mask_fallback is not None or small_heads
         coords, uncertainty, masks = self._predict_boxed(first, batch_size, keep_masks=fallback)
         pending = np.flatnonzero(self.needs_second_look(coords, boxes))
         estimate = coords.copy()
@@ -365,10 +389,30 @@ class LandmarkPredictor:
                 kept_masks[pending[j]], kept_boxes[pending[j]] = found_masks[j], looks[j][1]
             estimate[pending] = found
             pending = pending[~agrees]
-        if masks:
+        if masks and self.mask_fallback is not None:
             coords = self._fall_back_to_mask(coords, list(zip(masks, boxes)),
                                              list(zip(kept_masks, kept_boxes)))
+        if masks and small_heads:
+            coords = self._measure_small_heads_by_mask(coords, list(zip(masks, boxes)),
+                                                       np.asarray(pixel_mm, dtype=np.float64))
         return coords, uncertainty
+
+    def _measure_small_heads_by_mask(self, coords: np.ndarray, kept: list,
+                                     pixel_mm: np.ndarray) -> np.ndarray:
+        """Give each image whose mask ellipse measures an HC under ``mask_small_head_mm`` that
+        ellipse's axis endpoints. ``kept``: (head-region logits, Letterbox) of the look the
+        landmarks were kept from (a second look renders a small head at the training scale)."""
+        if len(pixel_mm) != len(coords):
+            raise ValueError(f"pixel_mm holds {len(pixel_mm)} values for {len(coords)} images.")
+        out = coords.copy()
+        for i, (logits, box) in enumerate(kept):
+            points = mask_ellipse_landmarks(logits, self.codec.stride)
+            if points is None:
+                continue
+            points = box.to_original(points)
+            if measurements_mm(points[None], pixel_mm[i])["hc"][0] < self.mask_small_head_mm:
+                out[i] = match_pairs(points[None], coords[i][None])[0]
+        return out
 
     def _fall_back_to_mask(self, coords: np.ndarray, first: list, kept: list) -> np.ndarray:
         """Give each image whose landmarks' HC differs from the HC of its first look's mask

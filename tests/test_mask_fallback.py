@@ -1,5 +1,6 @@
 """The head-region mask as a second measurement: the ellipse fitted to a mask channel, and the
-predictor's fallback to it where the landmarks disagree (``ModelSpec.mask_fallback``)."""
+predictor's fallback to it where the landmarks disagree (``ModelSpec.mask_fallback``), and its
+measurement of small heads by it (``ModelSpec.mask_small_head_mm``)."""
 from __future__ import annotations
 
 import argparse
@@ -57,12 +58,12 @@ class FixedOutput(torch.nn.Module):
         return self.output.expand(len(x), -1, -1, -1)
 
 
-def predictor_for(landmarks, region, *, spec_fallback=None, **options):
+def predictor_for(landmarks, region, *, spec_fallback=None, spec_small=None, **options):
     codec = HeatmapCodec(input_hw=INPUT_HW, stride=STRIDE, sigma=2.0)
     spec = ModelSpec(architecture="fixed", model_kwargs={}, input_hw=INPUT_HW, stride=STRIDE,
                      sigma=2.0, softargmax_beta=20.0, decode="window",
                      orientation=Orientation.fit(landmarks[None]).to_dict(),
-                     mask_fallback=spec_fallback)
+                     mask_fallback=spec_fallback, mask_small_head_mm=spec_small)
     return LandmarkPredictor(FixedOutput(codec, landmarks, region), spec, **options)
 
 
@@ -125,3 +126,78 @@ def test_after_a_second_look_the_first_mask_is_trusted_only_where_the_second_agr
     predictor.spec.head_scale = {}  # one look only: its mask is trusted
     coords, _ = predictor.predict([image])
     assert diameter_lengths(coords[0])[1] == pytest.approx(60, abs=1.5)
+
+
+def hc_mm(points, pixel_mm):
+    from biometry.metrics import measurements_mm
+    return float(measurements_mm(np.asarray(points)[None], pixel_mm)["hc"][0])
+
+
+def test_a_head_whose_mask_measures_under_the_limit_is_measured_by_the_mask():
+    """Landmarks and mask agree within 5% (no fallback), yet a small head is measured by the
+    mask's ellipse; the same image at a pixel size that makes the head large keeps its landmarks,
+    and without pixel sizes (HC unknown in mm) the rule never applies."""
+    image = np.full(INPUT_HW, 100, dtype=np.uint8)
+    head = ellipse_points((48, 32), ofd=60, bpd=44, degrees=10)
+    near = ellipse_points((48, 32), ofd=58, bpd=43, degrees=10)  # within 5% of the mask's HC
+    predictor = predictor_for(near, head, spec_fallback=0.05, spec_small=100.0)
+    mask_hc = hc_mm(head, 0.5)
+    assert mask_hc < 100 < hc_mm(head, 1.0)
+
+    small, _ = predictor.predict([image], pixel_mm=[0.5])
+    bpd, ofd = diameter_lengths(small[0])
+    assert ofd == pytest.approx(60, abs=1.5) and bpd == pytest.approx(44, abs=1.5)
+    assert hc_mm(small[0], 0.5) == pytest.approx(mask_hc, rel=0.03)
+    large, _ = predictor.predict([image], pixel_mm=[1.0])
+    assert diameter_lengths(large[0])[1] == pytest.approx(58, abs=1.0)
+    unknown, _ = predictor.predict([image])
+    assert diameter_lengths(unknown[0])[1] == pytest.approx(58, abs=1.0)
+    # one value per image, or a clear error
+    with pytest.raises(ValueError, match="pixel_mm holds 2 values for 1 images"):
+        predictor.predict([image], pixel_mm=[0.5, 0.5])
+
+
+def test_off_and_a_number_override_the_models_small_head_limit():
+    image = np.full(INPUT_HW, 100, dtype=np.uint8)
+    head = ellipse_points((48, 32), ofd=60, bpd=44, degrees=10)
+    near = ellipse_points((48, 32), ofd=58, bpd=43, degrees=10)
+    off = predictor_for(near, head, spec_small=100.0, mask_small_head_mm="off")
+    assert off.mask_small_head_mm is None
+    assert diameter_lengths(off.predict([image], pixel_mm=[0.5])[0][0])[1] == pytest.approx(58, abs=1.0)
+    on = predictor_for(near, head, mask_small_head_mm=200.0)  # the model has none; 200 mm given
+    assert diameter_lengths(on.predict([image], pixel_mm=[1.0])[0][0])[1] == pytest.approx(60, abs=1.5)
+
+
+def test_evaluate_checks_the_mask_small_heads_option():
+    from biometry.commands.evaluate import mask_small_heads_option
+    from biometry.errors import BiometryInputError
+
+    def option(value):
+        return mask_small_heads_option(argparse.Namespace(mask_small_heads=value))
+
+    for bad in (0, "-3", "nan", "inf", "small"):
+        with pytest.raises(BiometryInputError, match=f"--mask-small-heads must be a number > 0 "
+                                                     f"\\(mm of HC\\) or 'off' but got {bad}$"):
+            option(bad)
+    assert option(None) is None and option("off") == "off" and option("100") == 100.0
+
+
+def test_a_median_ensemble_passes_pixel_sizes_to_its_members():
+    """Each member of a median ensemble applies the small-head rule with the images' spacing."""
+    from biometry.models.ensemble import MeanOfModels
+
+    codec = HeatmapCodec(input_hw=INPUT_HW, stride=STRIDE, sigma=2.0)
+    image = np.full(INPUT_HW, 100, dtype=np.uint8)
+    head = ellipse_points((48, 32), ofd=60, bpd=44, degrees=10)
+    members = [ellipse_points((48, 32), ofd=ofd, bpd=43, degrees=10) for ofd in (57, 58, 59)]
+    model = MeanOfModels([FixedOutput(codec, m, head) for m in members], combine="median")
+    spec = ModelSpec(architecture="ensemble", input_hw=INPUT_HW, stride=STRIDE, sigma=2.0,
+                     model_kwargs={"members": [{"architecture": "fixed"}] * 3, "combine": "median"},
+                     softargmax_beta=20.0, decode="window", mask_small_head_mm=100.0,
+                     orientation=Orientation.fit(members[1][None]).to_dict())
+    predictor = LandmarkPredictor(model, spec)
+    assert [m.mask_small_head_mm for m in predictor.members] == [100.0] * 3
+    small, _ = predictor.predict([image], pixel_mm=[0.5])
+    assert diameter_lengths(small[0])[1] == pytest.approx(60, abs=1.5)
+    large, _ = predictor.predict([image], pixel_mm=[1.0])
+    assert diameter_lengths(large[0])[1] == pytest.approx(58, abs=1.0)  # the members' median

@@ -38,6 +38,7 @@ def tiny_config(path, **train):
     ({"augment": {"scale_min": 1.2, "scale_max": 1.1}}, "scale_min"),
     ({"loss": {"angle_weight": -1.0}}, "angle_weight"),
     ({"train": {"mask_fallback": -0.5}}, "'train.mask_fallback' must be null or >= 0"),
+    ({"train": {"mask_small_head_mm": 0}}, "'train.mask_small_head_mm' must be null or positive"),
 ])
 def test_config_errors_name_the_key(raw, message):
     with pytest.raises(BiometryInputError, match=message.replace("(", r"\(")):
@@ -157,6 +158,7 @@ def test_mask_weight_trains_a_mask_head_that_the_model_folder_rebuilds(synthetic
     raw = tiny_config(synthetic_csv).to_dict()
     raw["loss"]["mask_weight"] = 0.2
     raw["train"]["mask_fallback"] = 0.05
+    raw["train"]["mask_small_head_mm"] = 100.0
     cfg = config_from_dict(raw, source="test")
     reports = []
     run_trial(cfg, out_dir=tmp_path, reporter=None, log=lambda _: None)
@@ -167,5 +169,6 @@ def test_mask_weight_trains_a_mask_head_that_the_model_folder_rebuilds(synthetic
     predictor = LandmarkPredictor.from_folder(tmp_path / "best")
     assert predictor.spec.model_kwargs["mask_head"] is True
     assert predictor.spec.mask_fallback == predictor.mask_fallback == 0.05
+    assert predictor.spec.mask_small_head_mm == predictor.mask_small_head_mm == 100.0
     coords, uncertainty = predictor.predict([np.zeros((60, 90), dtype=np.uint8)])
     assert coords.shape == (1, 4, 2) and np.isfinite(coords).all() and uncertainty.shape == (1,)

@@ -94,6 +94,9 @@ class TrainConfig:
     # with loss.mask_weight: measure an image by its mask's fitted ellipse when the landmarks' HC
     # differs from it by more than this fraction (biometry.inference.ModelSpec.mask_fallback)
     mask_fallback: float | None = None
+    # with loss.mask_weight: measure an image by its mask's fitted ellipse when that ellipse's HC
+    # is under this many mm (biometry.inference.ModelSpec.mask_small_head_mm)
+    mask_small_head_mm: float | None = None
     num_workers: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -125,6 +128,8 @@ class TrainConfig:
                self.balance_head_size)
         _check(self.mask_fallback is None or self.mask_fallback >= 0, "train.mask_fallback",
                "must be null or >= 0", self.mask_fallback)
+        _check(self.mask_small_head_mm is None or self.mask_small_head_mm > 0,
+               "train.mask_small_head_mm", "must be null or positive", self.mask_small_head_mm)
         _check(self.num_workers >= 0, "train.num_workers", "cannot be negative", self.num_workers)
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda",
                self.device)

@@ -149,9 +149,12 @@ def evaluate_split(predictor: LandmarkPredictor, images: PreparedImages, *,
         first_looks = [(image, Letterbox(*map(float, box)))
                        for image, box in zip(images.images, images.letterbox)]
         pred_original, uncertainty = predictor.predict(images.sources, batch_size=batch_size,
-                                                       letterboxed=first_looks)
-    else:
-        coords, uncertainty = predictor.predict(list(images.images), batch_size=batch_size)
+                                                       letterboxed=first_looks,
+                                                       pixel_mm=images.pixel_mm)
+    else:  # an input pixel is 1 / scale original pixels
+        input_mm = np.asarray(images.pixel_mm) / np.asarray(images.letterbox)[:, 0]
+        coords, uncertainty = predictor.predict(list(images.images), batch_size=batch_size,
+                                                pixel_mm=input_mm)
         pred_original = images.to_original(coords)
     summary = summarize(pred_original, images.original, images.pixel_mm, uncertainty=uncertainty)
     return summary.as_dict(), uncertainty
@@ -191,6 +194,8 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
                      head_scale=head_scale_range(diameter_lengths(data.train.landmarks)[1],
                                                  cfg.train.second_look_quantile),
                      mask_fallback=cfg.train.mask_fallback if cfg.loss.mask_weight > 0 else None,
+                     mask_small_head_mm=(cfg.train.mask_small_head_mm if cfg.loss.mask_weight > 0
+                                         else None),
                      coverage_target=cfg.train.coverage_target,
                      data={"source": data.source, "split_seed": cfg.data.split_seed,
                            "val_fraction": cfg.data.val_fraction,

@@ -48,6 +48,22 @@ def mask_fallback_option(args) -> float | str | None:
     return number
 
 
+def mask_small_heads_option(args) -> float | str | None:
+    """``--mask-small-heads``, checked: a finite number > 0 (mm of HC), ``"off"``, or None for
+    the model's setting."""
+    value = getattr(args, "mask_small_heads", None)
+    if value is None or value == MASK_FALLBACK_OFF:
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise BiometryInputError(f"--mask-small-heads must be a number > 0 (mm of HC) or "
+                                 f"'{MASK_FALLBACK_OFF}' but got {value}")
+    return number
+
+
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``evaluate`` and ``predict``: how the model is run."""
     parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
@@ -58,6 +74,10 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                              "to its mask when the landmarks' HC differs from it by more than the "
                              f"fraction T; '{MASK_FALLBACK_OFF}': never (default: the model's "
                              "setting)")
+    parser.add_argument("--mask-small-heads", default=None, metavar="MM",
+                        help="a model with a mask channel: measure an image by the ellipse fitted "
+                             "to its mask when that ellipse's HC is under MM mm; "
+                             f"'{MASK_FALLBACK_OFF}': never (default: the model's setting)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N",
                         help="images per forward pass (default 16)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
@@ -99,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
 
     predictor = LandmarkPredictor.from_folder(args.model, device=resolve_device(args.device),
                                               flip_tta=args.flip_tta,
-                                              mask_fallback=mask_fallback_option(args))
+                                              mask_fallback=mask_fallback_option(args),
+                                              mask_small_head_mm=mask_small_heads_option(args))
     imported = import_dataset(args.data, skip_bad=args.skip_bad)
     records = select_split(imported.records, predictor.spec, args.split, data=args.data,
                            skipped=len(imported.skipped))
@@ -113,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
                                      "data": str(args.data), "split": args.split,
                                      "flip_tta": bool(predictor.flip_tta),
                                      "mask_fallback": predictor.mask_fallback,
+                                     "mask_small_head_mm": predictor.mask_small_head_mm,
                                      "skipped": len(imported.skipped)})
 
     out = Path(args.out)

@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from biometry.commands.evaluate import (
-    add_inference_arguments, check_model_folder, mask_fallback_option, resolve_device,
+    add_inference_arguments, check_model_folder, mask_fallback_option, mask_small_heads_option,
+    resolve_device,
 )
 from biometry.errors import BiometryInputError
 
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_folder(args.model)
     predictor = LandmarkPredictor.from_folder(args.model, device=resolve_device(args.device),
                                               flip_tta=args.flip_tta,
-                                              mask_fallback=mask_fallback_option(args))
+                                              mask_fallback=mask_fallback_option(args),
+                                              mask_small_head_mm=mask_small_heads_option(args))
     paths = [args.images / name for name in names]
     check_images(paths)
 

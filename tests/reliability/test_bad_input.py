@@ -284,6 +284,12 @@ case("evaluate-model-bad-kwargs", ["model.yaml", "colour"],
 case("evaluate-model-unknown-key", ["model.yaml", "unknown key 'learning_rate'"],
      lambda d, fx: [*BIOMETRY, "evaluate", "--model", model_copy(d, fx, learning_rate=0.1),
                     "--data", fx.dataset_csv, "--out", out(d)])
+case("evaluate-model-bad-small-head-limit", ["model.yaml", "'mask_small_head_mm' must be empty"],
+     lambda d, fx: [*BIOMETRY, "evaluate", "--model", model_copy(d, fx, mask_small_head_mm=-5),
+                    "--data", fx.dataset_csv, "--out", out(d)])
+case("evaluate-bad-mask-small-heads", ["--mask-small-heads must be a number > 0"],
+     lambda d, fx: [*BIOMETRY, "evaluate", "--model", fx.model_folder, "--mask-small-heads",
+                    "tiny", "--data", fx.dataset_csv, "--out", out(d)])
 case("evaluate-model-wrong-shape", ["model.pt", "do not match"],
      lambda d, fx: [*BIOMETRY, "evaluate", "--model",
                     model_copy(d, fx, model_kwargs={"width": 16, "depth": 3, "output_stride": 2}),
