@@ -60,10 +60,10 @@ class ModelSpec:
     # a model with a mask channel: an image whose landmark HC and the HC of the ellipse fitted to
     # the mask (first look) differ by more than this fraction is measured by the mask's ellipse
     mask_fallback: float | None = None
-    # a model with a mask channel: an image whose mask ellipse (of the look the landmarks come
-    # from) measures an HC under this many mm is measured by that ellipse; needs each image's
-    # pixel size (LandmarkPredictor.predict(pixel_mm=...)). Early-gestation heads: the mask
-    # measures them better than the landmarks (docs/experiments.md, "small heads by the mask")
+    # a model with a mask channel: an image whose first look's mask ellipse measures an HC under
+    # this many mm is measured by that ellipse; needs each image's pixel size
+    # (LandmarkPredictor.predict(pixel_mm=...)). The mask measures early-gestation heads better
+    # than the landmarks do (docs/experiments.md, "small heads by the mask")
     mask_small_head_mm: float | None = None
     uncertainty_threshold: float | None = None
     coverage_target: float = 0.9
@@ -397,15 +397,16 @@ class LandmarkPredictor:
                                                        np.asarray(pixel_mm, dtype=np.float64))
         return coords, uncertainty
 
-    def _measure_small_heads_by_mask(self, coords: np.ndarray, kept: list,
+    def _measure_small_heads_by_mask(self, coords: np.ndarray, first: list,
                                      pixel_mm: np.ndarray) -> np.ndarray:
-        """Give each image whose mask ellipse measures an HC under ``mask_small_head_mm`` that
-        ellipse's axis endpoints. ``kept``: (head-region logits, Letterbox) of the look the
-        landmarks were kept from (a second look renders a small head at the training scale)."""
+        """Give each image whose first-look mask ellipse measures an HC under
+        ``mask_small_head_mm`` that ellipse's axis endpoints. ``first``: (head-region logits,
+        Letterbox) of each first look; a kept second look's mask measured worse on validation
+        (docs/experiments.md, "small heads by the mask")."""
         if len(pixel_mm) != len(coords):
             raise ValueError(f"pixel_mm holds {len(pixel_mm)} values for {len(coords)} images.")
         out = coords.copy()
-        for i, (logits, box) in enumerate(kept):
+        for i, (logits, box) in enumerate(first):
             points = mask_ellipse_landmarks(logits, self.codec.stride)
             if points is None:
                 continue
