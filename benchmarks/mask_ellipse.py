@@ -4,7 +4,8 @@
 
 For a model trained with ``loss.mask_weight`` (a ``mask_head`` channel), each image of the model's
 own subject split is measured twice: by the landmarks (``LandmarkPredictor.predict``, the path
-``evaluate`` uses, second looks included) and by an ellipse fitted (OpenCV) to the mask channel of
+``evaluate`` uses, second looks included; given no pixel sizes, so ``mask_small_head_mm`` does
+not turn small heads into the mask's measurement) and by an ellipse fitted (OpenCV) to the mask channel of
 the first look, its axes taken as OFD and BPD. A hybrid keeps the landmarks unless the two HCs
 disagree by more than a fraction ``t`` of the mask's, and then takes the mask's ellipse (the first
 look's mask only; ``LandmarkPredictor``'s fallback also asks a second look's mask to agree, see
