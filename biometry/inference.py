@@ -389,54 +389,58 @@ class LandmarkPredictor:
                 kept_masks[pending[j]], kept_boxes[pending[j]] = found_masks[j], looks[j][1]
             estimate[pending] = found
             pending = pending[~agrees]
+        if masks:  # each first look's mask ellipse, fitted once for both rules
+            ellipses = [self._mask_ellipse(logits, box) for logits, box in zip(masks, boxes)]
         if masks and self.mask_fallback is not None:
-            coords = self._fall_back_to_mask(coords, list(zip(masks, boxes)),
-                                             list(zip(kept_masks, kept_boxes)))
+            coords = self._fall_back_to_mask(coords, ellipses, list(zip(kept_masks, kept_boxes)),
+                                             boxes)
         if masks and small_heads:
-            coords = self._measure_small_heads_by_mask(coords, list(zip(masks, boxes)),
+            coords = self._measure_small_heads_by_mask(coords, ellipses,
                                                        np.asarray(pixel_mm, dtype=np.float64))
         return coords, uncertainty
 
-    def _measure_small_heads_by_mask(self, coords: np.ndarray, first: list,
+    def _mask_ellipse(self, logits: np.ndarray, box: Letterbox) -> np.ndarray | None:
+        """(4, 2) original-pixel axis endpoints of the ellipse fitted to one look's mask."""
+        points = mask_ellipse_landmarks(logits, self.codec.stride)
+        return None if points is None else box.to_original(points)
+
+    def _measure_small_heads_by_mask(self, coords: np.ndarray, ellipses: list,
                                      pixel_mm: np.ndarray) -> np.ndarray:
-        """Give each image whose first-look mask ellipse measures an HC under
-        ``mask_small_head_mm`` that ellipse's axis endpoints. ``first``: (head-region logits,
-        Letterbox) of each first look; a kept second look's mask measured worse on validation
-        (docs/experiments.md, "small heads by the mask")."""
+        """Give each image whose first-look mask ellipse (``ellipses``, None where the mask is
+        empty) measures an HC under ``mask_small_head_mm`` that ellipse's axis endpoints. A kept
+        second look's mask measured worse on validation (docs/experiments.md, "small heads by
+        the mask")."""
         if len(pixel_mm) != len(coords):
             raise ValueError(f"pixel_mm holds {len(pixel_mm)} values for {len(coords)} images.")
         out = coords.copy()
-        for i, (logits, box) in enumerate(first):
-            points = mask_ellipse_landmarks(logits, self.codec.stride)
-            if points is None:
-                continue
-            points = box.to_original(points)
-            if measurements_mm(points[None], pixel_mm[i])["hc"][0] < self.mask_small_head_mm:
+        for i, points in enumerate(ellipses):
+            if points is not None and (measurements_mm(points[None], pixel_mm[i])["hc"][0]
+                                       < self.mask_small_head_mm):
                 out[i] = match_pairs(points[None], coords[i][None])[0]
         return out
 
-    def _fall_back_to_mask(self, coords: np.ndarray, first: list, kept: list) -> np.ndarray:
+    def _fall_back_to_mask(self, coords: np.ndarray, ellipses: list, kept: list,
+                           first_boxes: list) -> np.ndarray:
         """Give each image whose landmarks' HC differs from the HC of its first look's mask
         ellipse by more than ``mask_fallback`` (a fraction of the mask's) that ellipse's axis
         endpoints (docs/experiments.md, "the mask as a measurement").
 
-        ``first`` and ``kept``: (head-region logits, Letterbox) of the first look and of the look
-        the landmarks were kept from. Where they differ (a second look), the first look's mask
-        is trusted only if the kept look's mask agrees with it to the same fraction: a head small
-        in the frame gets a coarse first-look mask, and the second look's disagrees with it.
+        ``ellipses``: each first look's mask ellipse (None where the mask is empty); ``kept``:
+        (head-region logits, Letterbox) of the look the landmarks were kept from. Where that is
+        not the first look (a second look), the first look's mask is trusted only if the kept
+        look's mask agrees with it to the same fraction: a head small in the frame gets a coarse
+        first-look mask, and the second look's disagrees with it.
         """
         out = coords.copy()
         t = self.mask_fallback
-        for i, ((logits, box), (kept_logits, kept_box)) in enumerate(zip(first, kept)):
-            points = mask_ellipse_landmarks(logits, self.codec.stride)
+        for i, (points, (kept_logits, kept_box)) in enumerate(zip(ellipses, kept)):
             if points is None:
                 continue
-            points = box.to_original(points)
             hc_mask, hc_landmarks = measurements_mm(np.stack([points, coords[i]]), 1.0)["hc"]
-            if kept_box is not box:
-                other = mask_ellipse_landmarks(kept_logits, self.codec.stride)
-                if other is None or abs(measurements_mm(kept_box.to_original(other)[None],
-                                                        1.0)["hc"][0] - hc_mask) > t * hc_mask:
+            if kept_box is not first_boxes[i]:
+                other = self._mask_ellipse(kept_logits, kept_box)
+                if other is None or abs(measurements_mm(other[None], 1.0)["hc"][0]
+                                        - hc_mask) > t * hc_mask:
                     continue
             if abs(hc_landmarks - hc_mask) > t * hc_mask:
                 out[i] = match_pairs(points[None], coords[i][None])[0]

@@ -35,32 +35,26 @@ MASK_FALLBACK_OFF = "off"  # as biometry.inference.MASK_FALLBACK_OFF
 def mask_fallback_option(args) -> float | str | None:
     """``--mask-fallback``, checked: a finite number >= 0, ``"off"`` (no fallback, whatever the
     model's setting), or None for the model's setting."""
-    value = getattr(args, "mask_fallback", None)
-    if value is None or value == MASK_FALLBACK_OFF:
-        return value
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and number >= 0):
-        raise BiometryInputError(f"--mask-fallback must be a number >= 0 or "
-                                 f"'{MASK_FALLBACK_OFF}' but got {value}")
-    return number
+    return _number_or_off(getattr(args, "mask_fallback", None), "--mask-fallback",
+                          allow_zero=True, what="a number >= 0")
 
 
 def mask_small_heads_option(args) -> float | str | None:
     """``--mask-small-heads``, checked: a finite number > 0 (mm of HC), ``"off"``, or None for
     the model's setting."""
-    value = getattr(args, "mask_small_heads", None)
+    return _number_or_off(getattr(args, "mask_small_heads", None), "--mask-small-heads",
+                          allow_zero=False, what="a number > 0 (mm of HC)")
+
+
+def _number_or_off(value, flag: str, *, allow_zero: bool, what: str) -> float | str | None:
     if value is None or value == MASK_FALLBACK_OFF:
         return value
     try:
         number = float(value)
     except (TypeError, ValueError):
         number = math.nan
-    if not (math.isfinite(number) and number > 0):
-        raise BiometryInputError(f"--mask-small-heads must be a number > 0 (mm of HC) or "
-                                 f"'{MASK_FALLBACK_OFF}' but got {value}")
+    if not (math.isfinite(number) and (number > 0 or (allow_zero and number == 0))):
+        raise BiometryInputError(f"{flag} must be {what} or '{MASK_FALLBACK_OFF}' but got {value}")
     return number
 
 
