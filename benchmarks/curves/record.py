@@ -527,14 +527,17 @@ def _now() -> str:
 
 
 def _data_name(path: str | None) -> str | None:
-    """The data folder as recorded: relative to the repository, or to the folder above it
-    (``shared/data/hc18``), so a resume from another checkout of the same layout matches."""
+    """The data folder as recorded: relative to the repository, or from its ``shared`` folder on
+    (``shared/data/hc18``), so a resume from another checkout or clone of the same layout
+    matches."""
     if path is None:
         return None
     resolved = Path(path).resolve()
-    for root in (REPO_ROOT, REPO_ROOT.parent):
-        if resolved.is_relative_to(root):
-            return str(resolved.relative_to(root))
+    if resolved.is_relative_to(REPO_ROOT):
+        return str(resolved.relative_to(REPO_ROOT))
+    parts = resolved.parts
+    if "shared" in parts:
+        return str(Path(*parts[parts.index("shared"):]))
     return str(resolved)
 
 
