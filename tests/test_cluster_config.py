@@ -20,6 +20,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = REPO_ROOT / "cluster"
 RAY_IMAGE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)(?P<suffix>(-[a-z0-9]+)*)$")
+# cluster/Dockerfile's image, built FROM rayproject/ray:<version>-py311-gpu and tagged alike
+PROJECT_IMAGE = re.compile(r"^[A-Za-z0-9.\-]+/biometry-search-ray:(?P<version>\d+\.\d+\.\d+)-py311-gpu$")
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -89,6 +91,11 @@ def test_cluster_folder_has_the_expected_files():
     for rel in [
         "ray-aws.yaml",
         "README.md",
+        "Dockerfile",
+        "instance-types.yaml",
+        "aws/ec2-trust.json",
+        "aws/head-policy.json",
+        "aws/worker-policy.json",
         "kuberay/raycluster.yaml",
         "kuberay/rayjob.yaml",
         "kuberay/storage.yaml",
@@ -204,7 +211,74 @@ def test_ray_aws_token_auth_is_on(aws):
     assert "--port=6379" in head_start and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_start
 
 
+AMI = re.compile(r"^(ami-[0-9a-f]{8,17}|GPU_AMI_ID)$")  # a pinned id, or the placeholder to pin
+
+
+def test_ray_aws_pins_one_ami_for_every_node_type(aws):
+    amis = {name: t["node_config"].get("ImageId") for name, t in aws["available_node_types"].items()}
+    assert all(a and AMI.match(a) for a in amis.values()), f"ray-aws.yaml: ImageId not pinned: {amis}"
+    assert len(set(amis.values())) == 1, f"ray-aws.yaml: node types use different AMIs: {amis}"
+
+
+def _policy(name: str) -> dict:
+    return json.loads((CLUSTER / "aws" / f"{name}-policy.json").read_text())
+
+
+def _allowed(policy: dict) -> list[tuple[str, str]]:
+    pairs = []
+    for st in policy["Statement"]:
+        assert st["Effect"] == "Allow" and "NotAction" not in st and "NotResource" not in st, st
+        actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        resources = [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]
+        pairs += [(a, r) for a in actions for r in resources]
+    return pairs
+
+
+def test_worker_role_reaches_only_its_bucket_prefix():
+    bucket = "arn:aws:s3:::YOUR-BUCKET"
+    for action, resource in _allowed(_policy("worker")):
+        assert action.startswith("s3:") and "*" not in action, f"worker-policy.json allows {action}"
+        assert resource in (bucket, f"{bucket}/biometry-runs/*"), f"worker-policy.json: {resource}"
+    listing = [st for st in _policy("worker")["Statement"] if st["Action"] == "s3:ListBucket"]
+    assert listing and all("s3:prefix" in st["Condition"]["StringLike"] for st in listing)
+
+
+def test_head_role_may_pass_only_the_worker_role(aws):
+    pairs = _allowed(_policy("head"))
+    passes = [r for a, r in pairs if a == "iam:PassRole"]
+    assert passes == ["arn:aws:iam::ACCOUNT_ID:role/biometry-ray-worker"], passes
+    assert not [a for a, _ in pairs if a.startswith("iam:") and a != "iam:PassRole"]
+    assert not [a for a, _ in pairs if a in ("*", "s3:*", "ec2:*")], "no wildcard services"
+    profiles = {name: t["node_config"]["IamInstanceProfile"]["Arn"]
+                for name, t in aws["available_node_types"].items()}
+    head = profiles.pop(aws["head_node_type"])
+    assert head.endswith("instance-profile/biometry-ray-head"), head
+    assert all(p.endswith("instance-profile/biometry-ray-worker") for p in profiles.values()), profiles
+
+
+def test_ray_aws_mounts_efs_for_the_run_folders(aws):
+    init = " ".join(aws["initialization_commands"])
+    assert "mount -t nfs4" in init and ".efs." in init and "/mnt/shared" in init, init
+    assert "-v /mnt/shared:/mnt/shared" in aws["docker"]["run_options"]
+
+
 # --- KubeRay --------------------------------------------------------------------------------
+def _is_project_image(image: str) -> bool:
+    m = PROJECT_IMAGE.match(image)
+    return bool(m) and m.group("version") == RAY_VERSION
+
+
+def test_project_image_is_built_from_the_pinned_ray_gpu_image_with_the_project():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    froms = re.findall(r"^FROM\s+(\S+)", dockerfile, re.M)
+    assert froms == [f"rayproject/ray:{RAY_VERSION}-py311-gpu"], froms
+    assert re.search(r"^RUN pip install --no-cache-dir \.", dockerfile, re.M), "the project is not installed"
+    copied = set(re.findall(r"^COPY \S+ (\S+) ", dockerfile, re.M)) | {
+        w for line in re.findall(r"^COPY \S+ (.+)$", dockerfile, re.M) for w in line.split()[:-1]}
+    for needed in ("pyproject.toml", "biometry", "trainables", "search", "configs"):
+        assert needed in copied, f"cluster/Dockerfile does not COPY {needed}"
+
+
 def test_kuberay_resources_use_ray_io_v1():
     kinds = [(p.name, d) for p in YAML_FILES for d in _docs(p) if d.get("kind") in {"RayCluster", "RayJob"}]
     assert {d["kind"] for _, d in kinds} == {"RayCluster", "RayJob"}
@@ -223,7 +297,7 @@ def test_kuberay_cluster_spec(label, spec):
     head_container = head["template"]["spec"]["containers"][0]
     ports = {p["containerPort"] for p in head_container["ports"]}
     assert {6379, 8265, 10001} <= ports, f"{label}: head ports {ports}"
-    assert head_container["image"] == f"rayproject/ray:{RAY_VERSION}-py311"
+    assert _is_project_image(head_container["image"]), f"{label}: head image {head_container['image']}"
     assert str(head.get("rayStartParams", {}).get("num-cpus")) == "0", f"{label}: trials would run on the head"
 
     gpu_groups = [g for g in spec["workerGroupSpecs"] if "gpu" in g["groupName"]]
@@ -232,7 +306,7 @@ def test_kuberay_cluster_spec(label, spec):
         assert 0 <= g["minReplicas"] <= g.get("replicas", 0) <= g["maxReplicas"] and g["maxReplicas"] > 0
         for c in g["template"]["spec"]["containers"]:
             assert str(c["resources"]["limits"].get("nvidia.com/gpu")) == "1", f"{label}: {g['groupName']} asks no GPU"
-            assert c["image"] == f"rayproject/ray:{RAY_VERSION}-py311-gpu"
+            assert _is_project_image(c["image"]), f"{label}: worker image {c['image']}"
 
 
 def test_kuberay_pods_mount_the_shared_claim():
@@ -269,6 +343,7 @@ def test_rayjob_runs_the_search(rayjob):
     opts = _entrypoint_args(rayjob)
     assert opts["--num-samples"] == "200" and opts["--preset"] == "gpu"
     assert opts["--storage"].startswith(("/mnt/shared/", "s3://")), "storage must be shared by all pods"
+    assert opts["--out"].startswith("/mnt/shared/"), "the run folder must outlive the head pod"
     assert opts["--mlflow-uri"] == "http://mlflow:5000"
     assert spec["shutdownAfterJobFinishes"] is True
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
@@ -293,6 +368,10 @@ def test_runtime_env_pins_match_pyproject(source):
     path = CLUSTER / "kuberay" / source
     doc = _docs(path)[0]
     env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"]) if doc.get("kind") == "RayJob" else doc
+    if "pip" not in env:  # the project image has the dependencies; runtime-env.yaml is the fallback
+        images = {d["image"] for d in _walk_dicts(doc) if "image" in d}
+        assert images and all(_is_project_image(i) for i in images), f"{source}: no pip and {images}"
+        return
     pip = env["pip"]["packages"] if isinstance(env["pip"], dict) else env["pip"]
     pinned = _pins(pip)
     project = {k: v for k, v in _pyproject_pins().items() if k != "ray"}
@@ -394,3 +473,15 @@ def test_readme_covers_start_submit_watch_teardown_and_cost():
         "local_server.sh",
     ]:
         assert needle in text, f"cluster/README.md does not mention {needle!r}"
+
+
+def test_every_cluster_search_command_keeps_its_run_folder_on_shared_storage():
+    # each `search/run.py ... --preset gpu` command in cluster/, joined over line continuations
+    found = 0
+    for path in [CLUSTER / "README.md", *YAML_FILES]:
+        text = re.sub(r"\\\n#?\s*", " ", path.read_text())
+        text = re.sub(r"\n\s*--", " --", text)  # YAML folded scalars
+        for command in re.findall(r"python search/run\.py[^\n`]*--preset gpu[^\n`]*", text):
+            assert "--out /mnt/shared/" in command, f"{path.name}: {command}"
+            found += 1
+    assert found >= 5, f"only {found} gpu search commands found in cluster/"
