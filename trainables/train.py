@@ -9,14 +9,10 @@ Ray Tune; run alone, each epoch is printed and the latest checkpoint, the best m
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import shutil
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,7 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from biometry.errors import BiometryInputError
+from biometry import atomic
+from biometry.constants import BEST_OBJECTIVE, OBJECTIVE
+from biometry.errors import BiometryInputError, run_cli
 from biometry.geometry import diameter_lengths
 from biometry.inference import (
     LandmarkPredictor,
@@ -43,53 +41,21 @@ from trainables.data import (
     HeatmapDataset, PreparedImages, PreparedSplits, head_size_weights, prepare_splits,
 )
 
-OBJECTIVE = "val_measure_l1_mm"
 TRAINER_STATE = "trainer.pt"
 
 # reporter(metrics, checkpoint_dir): called once per epoch; the folder is only valid during the call
 Reporter = Callable[[dict, Path], None]
 
 
-# -- TEST HOOK: fault injection -----------------------------------------------------------
-# Off unless the environment variable is set; used by tests/reliability/test_faults.py to make a
-# trial fail on purpose. Ray trial workers inherit the driver's environment on a local cluster.
-#   BIOMETRY_FAULT="raise_at_epoch=2"                       every trial raises before epoch 2
-#   BIOMETRY_FAULT="raise_at_epoch=2,once_file=/tmp/f"      only the first trial to get there
-#       (it creates /tmp/f, holding "pid cwd epoch"), so a restarted trial succeeds
-#   BIOMETRY_FAULT="sleep_s=1.5"                            sleep after each epoch's report,
-#       so a test can kill a trial's process mid-trial
-FAULT_ENV = "BIOMETRY_FAULT"
-FAULT_KEYS = {"raise_at_epoch": int, "once_file": str, "sleep_s": float}
+class TrialHooks:
+    """Calls into the epoch loop that change nothing here; tests pass an object with the same
+    two methods (``run_trial(hooks=...)``, e.g. ``trainables.faults.InjectedFaults``)."""
 
+    def on_epoch_start(self, epoch: int) -> None:
+        """Before epoch ``epoch`` (1-based) trains."""
 
-def injected_faults() -> dict:
-    """Parse ``BIOMETRY_FAULT`` (test hook; see above); ``{}`` when unset."""
-    text = os.environ.get(FAULT_ENV, "").strip()
-    faults = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, _, value = item.partition("=")
-        if key not in FAULT_KEYS:
-            raise BiometryInputError(f"{FAULT_ENV}: unknown key '{key}' (known: "
-                                     f"{', '.join(FAULT_KEYS)})")
-        try:
-            faults[key] = FAULT_KEYS[key](value)
-        except ValueError:
-            raise BiometryInputError(f"{FAULT_ENV}: '{key}' must be "
-                                     f"{FAULT_KEYS[key].__name__} but got {value!r}") from None
-    return faults
-
-
-def _maybe_raise_injected(faults: dict, epoch: int) -> None:
-    if faults.get("raise_at_epoch") != epoch:
-        return
-    if "once_file" in faults:
-        try:
-            fd = os.open(faults["once_file"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return  # fired already, in this trial before a restart or in another trial
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {os.getcwd()} {epoch}\n")
-    raise RuntimeError(f"{FAULT_ENV}: injected fault at epoch {epoch}")
+    def after_report(self, epoch: int) -> None:
+        """After epoch ``epoch`` was reported and checkpointed."""
 
 
 @dataclass
@@ -172,8 +138,9 @@ def validate_into_spec(predictor: LandmarkPredictor, images: PreparedImages) -> 
 
 def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: str | Path,
               reporter: Reporter | None = None, resume_from: str | Path | None = None,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, hooks: TrialHooks | None = None) -> dict:
     """Train one config; return the best epoch's metrics. See the module docstring."""
+    hooks = hooks or TrialHooks()
     out_dir = Path(out_dir)
     seed_everything(cfg.train.seed)
     if cfg.train.threads:
@@ -235,9 +202,8 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
     predictor = LandmarkPredictor(deployed, spec, device=device)
 
     best_metrics: dict = {}
-    faults = injected_faults()
     for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
-        _maybe_raise_injected(faults, epoch)
+        hooks.on_epoch_start(epoch)
         started = time.perf_counter()
         loader.generator.manual_seed(cfg.train.seed * 100003 + epoch)
 
@@ -287,7 +253,7 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
         metrics.update({
             "epoch": epoch,
             "lr": optimizer.param_groups[0]["lr"],
-            f"best_{OBJECTIVE}": state.best_value,
+            BEST_OBJECTIVE: state.best_value,
             "best_epoch": state.best_epoch,
             "epoch_seconds": time.perf_counter() - started,
             "train_images_per_s": len(loader) * loader.batch_size / max(train_seconds, 1e-9),
@@ -304,8 +270,7 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
                 reporter(metrics, Path(tmp))
             else:
                 keep_checkpoint(Path(tmp), out_dir, is_best=state.best_epoch == epoch)
-        if faults.get("sleep_s"):
-            time.sleep(faults["sleep_s"])
+        hooks.after_report(epoch)
     if reporter is None:
         write_metrics(out_dir, best_metrics, state)
     return best_metrics
@@ -378,39 +343,15 @@ def load_trainer_state(folder: str | Path, model, optimizer, schedule,
 def keep_checkpoint(checkpoint: Path, out_dir: Path, *, is_best: bool) -> None:
     """Standalone runs: ``out/checkpoint`` is the latest epoch, ``out/best`` the best model."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _replace_dir(checkpoint, out_dir / "checkpoint")
+    atomic.replace_dir(checkpoint, out_dir / "checkpoint")
     if is_best:
-        best = out_dir / "best.tmp"
-        shutil.rmtree(best, ignore_errors=True)
-        best.mkdir()
-        for name in ("model.pt", "model.yaml"):
-            shutil.copy2(checkpoint / name, best / name)
-        _swap_dir(best, out_dir / "best")
+        atomic.replace_dir(checkpoint, out_dir / "best", files=("model.pt", "model.yaml"))
 
 
 def write_metrics(out_dir: Path, best_metrics: dict, state: TrainerState) -> None:
     payload = {"objective": OBJECTIVE, "best_epoch": state.best_epoch, "epochs": state.epoch,
                **best_metrics}
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    tmp.replace(out_dir / "metrics.json")
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    staging = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(src, staging)
-    _swap_dir(staging, dst)
-
-
-def _swap_dir(staging: Path, dst: Path) -> None:
-    """Replace ``dst`` by ``staging`` so that a crash leaves one of the two complete."""
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    staging.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
+    atomic.write_json(out_dir / "metrics.json", payload, default=float)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,25 +365,26 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
 
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # a corrupt PNG: one line
-    try:
-        overrides = {"data.path": args.data} if args.data else {}
-        cfg = load_config(args.config, overrides=overrides)
-        out_dir = Path(args.out)
-        resume = out_dir / "checkpoint" if args.resume else None
-        if resume is not None and not resume.exists() and (out_dir / "checkpoint.old").is_dir():
-            resume = out_dir / "checkpoint.old"  # a crash between _swap_dir's two renames
-        if resume is not None and not (resume / TRAINER_STATE).is_file():
-            raise BiometryInputError(f"{resume}: no checkpoint to resume from")
-        out_dir.mkdir(parents=True, exist_ok=True)  # an unusable --out fails before training
-        tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-").close()
-        best = run_trial(cfg, out_dir=out_dir, resume_from=resume)
-    except (BiometryInputError, OSError, FloatingPointError) as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: train_from_args(args), debug=args.debug, also=(FloatingPointError,))
+
+
+def train_from_args(args: argparse.Namespace) -> int:
+    from trainables.faults import faults_from_env
+
+    hooks = faults_from_env()  # None unless the reliability tests set BIOMETRY_FAULT
+    overrides = {"data.path": args.data} if args.data else {}
+    cfg = load_config(args.config, overrides=overrides)
+    out_dir = Path(args.out)
+    resume = out_dir / "checkpoint" if args.resume else None
+    if resume is not None and not resume.exists() and (out_dir / "checkpoint.old").is_dir():
+        resume = out_dir / "checkpoint.old"  # a crash between atomic.swap_dir's two renames
+    if resume is not None and not (resume / TRAINER_STATE).is_file():
+        raise BiometryInputError(f"{resume}: no checkpoint to resume from")
+    out_dir.mkdir(parents=True, exist_ok=True)  # an unusable --out fails before training
+    tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-").close()
+    best = run_trial(cfg, out_dir=out_dir, resume_from=resume, hooks=hooks)
     print(f"best {OBJECTIVE} {best.get(OBJECTIVE, float('nan')):.3f} mm; model folder "
-          f"{Path(args.out) / 'best'}; metrics {Path(args.out) / 'metrics.json'}")
+          f"{out_dir / 'best'}; metrics {out_dir / 'metrics.json'}")
     return 0
 
 

@@ -8,6 +8,7 @@ from ray import tune
 
 from trainables.config import config_from_dict
 from trainables.data import PreparedSplits
+from trainables.faults import faults_from_env
 from trainables.train import run_trial
 
 
@@ -29,13 +30,14 @@ def tune_trainable(config: dict, *, data: PreparedSplits, base_config: dict) -> 
         tune.report({**metrics, "node_id": node_id},
                     checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
+    hooks = faults_from_env()  # None unless the reliability tests set BIOMETRY_FAULT
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        run_trial(cfg, data=data, out_dir=Path.cwd(), reporter=report, log=_quiet)
+        run_trial(cfg, data=data, out_dir=Path.cwd(), reporter=report, log=_quiet, hooks=hooks)
         return
     with checkpoint.as_directory() as folder:
         run_trial(cfg, data=data, out_dir=Path.cwd(), reporter=report, resume_from=folder,
-                  log=_quiet)
+                  log=_quiet, hooks=hooks)
 
 
 def _quiet(message: str) -> None:

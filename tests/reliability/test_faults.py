@@ -5,7 +5,7 @@ Searches run as subprocesses on their own local Ray cluster (RAY_ADDRESS=local),
 them. Faults are real where that is honest and robust: a learning rate of 1e6 really diverges
 (NaN loss), processes are really SIGKILLed, the MLflow server is really stopped, the disk is
 really full (a tiny tmpfs). Only "raise once" and "slow down" use the documented test hook
-``BIOMETRY_FAULT`` of trainables/train.py.
+``BIOMETRY_FAULT`` (trainables/faults.py, passed to the trial as ``run_trial(hooks=...)``).
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ from reliability_helpers import (  # noqa: E402
     write_preset,
 )
 
+from biometry.constants import OBJECTIVE  # noqa: E402
 from biometry.inference import LandmarkPredictor, load_model_folder  # noqa: E402
 
-OBJECTIVE = "val_measure_l1_mm"
 SEARCH_TIMEOUT = 420
 
 
@@ -468,10 +468,10 @@ def test_an_unwritable_out_folder_fails_at_once_and_keeps_earlier_results(
 @pytest.mark.slow
 def test_a_crash_between_the_two_renames_of_a_checkpoint_swap_is_resumable(
         tmp_path, synthetic_csv, one_epoch_run):
-    """_swap_dir renames checkpoint -> checkpoint.old, then the staging folder -> checkpoint. If
+    """swap_dir renames checkpoint -> checkpoint.old, then the staging folder -> checkpoint. If
     the second rename fails (here: the staging folder is immutable, so it cannot be renamed), the
     complete previous checkpoint is checkpoint.old and --resume must find it."""
-    from trainables.train import _swap_dir
+    from biometry.atomic import swap_dir
 
     out = tmp_path / "run"
     first_run(one_epoch_run, out)
@@ -480,7 +480,7 @@ def test_a_crash_between_the_two_renames_of_a_checkpoint_swap_is_resumable(
     subprocess.run(["chattr", "+i", str(staging)], check=True)
     try:
         with pytest.raises(OSError):
-            _swap_dir(staging, out / "checkpoint")
+            swap_dir(staging, out / "checkpoint")
     finally:
         subprocess.run(["chattr", "-i", str(staging)], capture_output=True)
     assert not (out / "checkpoint").exists() and (out / "checkpoint.old" / "trainer.pt").is_file()
