@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from biometry.errors import BiometryInputError
-from search.results import best_checkpoint_folder
+from search.results import best_checkpoint_folder, checkpoint_value
 from search.tune_api import Callback
 
 logger = logging.getLogger(__name__)
@@ -186,12 +187,14 @@ class MlflowSearchLogger(Callback):
         if best is not None:
             self._safe("final metric", self.client.log_metric, run_id,
                        f"best_{self.objective}", best)
-        folder = best_checkpoint_folder(trial.path, self.objective) if trial.path else None
-        if folder is not None:
-            for name in MODEL_FILES:
-                if (Path(folder) / name).is_file():
-                    self._safe("model artifact", self.client.log_artifact, run_id,
-                               str(Path(folder) / name), "model")
+        with tempfile.TemporaryDirectory(prefix="biometry-model-") as staging:
+            folder = self._safe(f"checkpoint of {trial.trial_id}", best_model_folder, trial,
+                                self.objective, Path(staging))
+            if folder is not None:
+                for name in MODEL_FILES:
+                    if (folder / name).is_file():
+                        self._safe("model artifact", self.client.log_artifact, run_id,
+                                   str(folder / name), "model")
         self._safe(f"status of {trial.trial_id}", self.client.set_terminated, run_id, status)
 
     def on_experiment_end(self, trials, **info):
@@ -238,6 +241,57 @@ class MlflowSearchLogger(Callback):
             self._safe("search metrics", lambda: [self.client.log_metric(parent, k, v)
                                                   for k, v in metrics.items()])
         self._safe("search status", self.client.set_terminated, parent, "FINISHED")
+
+
+def best_model_folder(trial, objective: str, staging: Path) -> Path | None:
+    """A folder on this machine with the model files of the trial's best kept checkpoint.
+
+    On a local (or mounted) storage path that is the checkpoint itself. On s3:// or gs:// storage
+    Ray gives ``trial.path`` inside that filesystem, without its scheme, so the checkpoints are
+    listed and the best one's model files copied into ``staging`` through the same filesystem.
+    """
+    if not trial.path:
+        return None
+    from pyarrow.fs import LocalFileSystem
+
+    storage = getattr(trial, "storage", None)
+    filesystem = getattr(storage, "storage_filesystem", None)
+    if filesystem is None or isinstance(filesystem, LocalFileSystem):
+        return best_checkpoint_folder(trial.path, objective)
+    return _copy_best_remote_checkpoint(filesystem, trial.path, objective, staging)
+
+
+def _copy_best_remote_checkpoint(filesystem, trial_path: str, objective: str,
+                                 staging: Path) -> Path | None:
+    from pyarrow.fs import FileSelector, FileType
+
+    entries = filesystem.get_file_info(FileSelector(trial_path, allow_not_found=True))
+    checkpoints = [e.path for e in entries
+                   if e.type == FileType.Directory and e.base_name.startswith("checkpoint_")]
+    best, best_value = None, math.inf
+    for checkpoint in checkpoints:
+        folder = staging / Path(checkpoint).name
+        folder.mkdir()
+        if not _copy_remote_file(filesystem, f"{checkpoint}/model.yaml", folder / "model.yaml"):
+            continue
+        value = checkpoint_value(folder, objective)
+        if value < best_value:
+            best, best_value = checkpoint, value
+    if best is None or not _copy_remote_file(filesystem, f"{best}/model.pt",
+                                             staging / Path(best).name / "model.pt"):
+        return None
+    return staging / Path(best).name
+
+
+def _copy_remote_file(filesystem, source: str, destination: Path) -> bool:
+    from pyarrow.fs import FileType
+
+    if filesystem.get_file_info(source).type != FileType.File:
+        return False
+    with filesystem.open_input_stream(source) as stream, open(destination, "wb") as out:
+        while chunk := stream.read(1 << 20):
+            out.write(chunk)
+    return True
 
 
 def _is_metric(key: str, value: Any) -> bool:
