@@ -82,7 +82,23 @@ def trial_config(base_trial: dict, sampled: dict, *, data_path: str | None, inpu
         fixed["data.limit"] = limit
     for key, value in fixed.items():
         set_dotted(raw, key, value)
+    _drop_mask_steps_without_mask(raw)
     return config_from_dict(raw, source="recorded config")
+
+
+def _drop_mask_steps_without_mask(raw: dict) -> None:
+    """A sampled ``loss.mask_weight`` of 0 leaves no mask channel: the base trial's
+    post-processing steps that need one (``inference.postprocess``, where the config has that
+    section) are dropped for that config, as the first config format's ``train.mask_fallback``
+    was ignored without a mask."""
+    steps = (raw.get("inference") or {}).get("postprocess")
+    if not steps or float((raw.get("loss") or {}).get("mask_weight", 0) or 0) > 0:
+        return
+    try:
+        from biometry.postprocess import create_step
+    except ImportError:
+        return
+    raw["inference"]["postprocess"] = [s for s in steps if "mask" not in create_step(s).needs]
 
 
 # -- sampling through the driver's define-by-run space ---------------------------------------------
@@ -302,10 +318,25 @@ def command_line(argv: list[str]) -> str:
     return " ".join(["python", str(script), *argv])
 
 
+def canonical_command(args) -> str:
+    """The command that regenerates the table from a checkout (default data, files and preset)."""
+    parts = ["python benchmarks/curves/record.py", f"--configs {args.start + args.configs}",
+             f"--seed {args.seed}"]
+    if args.fidelity != "cheap":
+        parts.append(f"--fidelity {args.fidelity}")
+    return " ".join(parts)
+
+
 def write_meta(path: Path, meta: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, default=str, allow_nan=False) + "\n")
     tmp.replace(path)
+
+
+def _sampled(space_raw: Any) -> dict:
+    """The part of a space file that decides what is sampled."""
+    space_raw = space_raw or {}
+    return {"params": space_raw.get("params"), "conditional": space_raw.get("conditional")}
 
 
 def _sha(obj: Any) -> str:
@@ -400,122 +431,129 @@ def record(args, argv: list[str]) -> int:
     except OSError:
         raise BiometryInputError(f"{out}: another record.py is writing it") from None
 
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta:
-        if meta.get("space_sha256") != _sha(space_raw):
-            raise BiometryInputError(f"{space_path}: differs from the space {out} was recorded "
-                                     f"with (meta space_sha256); record into another --out")
-        for key, value in settings.items():
-            if meta.get("settings", {}).get(key) != value:
-                raise BiometryInputError(f"{out}: recorded with {key}={meta['settings'].get(key)!r}"
-                                         f", this run asks for {value!r}; use another --out")
-    header = columns(space)
-    done, torn = read_done(out, epochs=epochs)
-    if out.is_file():
-        with out.open() as f:
-            existing = next(csv.reader(f), None)
-        if existing and existing != header:
-            raise BiometryInputError(f"{out}: its columns differ from this space's; use another --out")
-    if torn:
-        print(f"{out}: dropping {torn} line(s) of an unfinished config", flush=True)
-        repair(out, header, done)
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if meta:
+            # what is sampled must be the same; other sections of the space file may change
+            if _sampled(meta.get("space_raw")) != _sampled(space_raw):
+                raise BiometryInputError(f"{space_path}: its params/conditional differ from the "
+                                         f"space {out} was recorded with (meta space_raw); "
+                                         f"record into another --out")
+            for key, value in settings.items():
+                if meta.get("settings", {}).get(key) != value:
+                    raise BiometryInputError(f"{out}: recorded with {key}={meta['settings'].get(key)!r}"
+                                             f", this run asks for {value!r}; use another --out")
+        header = columns(space)
+        done, torn = read_done(out, epochs=epochs)
+        if out.is_file():
+            with out.open() as f:
+                existing = next(csv.reader(f), None)
+            if existing and existing != header:
+                raise BiometryInputError(f"{out}: its columns differ from this space's; use another --out")
+        if torn:
+            print(f"{out}: dropping {torn} line(s) of an unfinished config", flush=True)
+            repair(out, header, done)
 
-    # the configs recorded so far must still sample to the same params (same space, same code)
-    for (seed, cid), rows in list(done.items())[:3]:
-        _, params = sample_config(space, base_cfg, seed=seed, config_id=cid)
-        for key, value in params.items():
-            if _cell(value) != rows[0][key]:
-                raise BiometryInputError(f"{out}: config {cid} (seed {seed}) now samples {key}="
-                                         f"{_cell(value)!r}, recorded {rows[0][key]!r}; the "
-                                         f"sampling changed, use another --out")
+        # the configs recorded so far must still sample to the same params (same space, same code)
+        for (seed, cid), rows in list(done.items())[:3]:
+            _, params = sample_config(space, base_cfg, seed=seed, config_id=cid)
+            for key, value in params.items():
+                if _cell(value) != rows[0][key]:
+                    raise BiometryInputError(f"{out}: config {cid} (seed {seed}) now samples {key}="
+                                             f"{_cell(value)!r}, recorded {rows[0][key]!r}; the "
+                                             f"sampling changed, use another --out")
 
-    wanted = ([] if args.no_base else [BASE_ID]) + list(range(args.start, args.start + args.configs))
-    todo = [cid for cid in wanted if (args.seed, cid) not in done]
-    host = socket.gethostname()
-    run_info = {"started_utc": _now(), "host": host, **git_state(), "argv": argv,
-                "configs_recorded": 0}
-    meta.setdefault("runs", []).append(run_info)
-    meta.update({
-        "benchmark": "learning curves (issue 24)", "csv": _rel(out), "fidelity": args.fidelity,
-        "seed": args.seed, "settings": settings, "preset": _rel(preset_path),
-        "space": _rel(space_path), "space_sha256": _sha(space_raw), "space_raw": space_raw,
-        "base_trial": base_trial, "base_trial_sha256": _sha(base_trial),
-        "sampler": "scrambled Sobol (scipy.stats.qmc.Sobol, seed = --seed), one coordinate per "
-                   "Optuna parameter name, through search.space.SearchSpace.__call__; config -1 "
-                   "is the preset's trial (SearchSpace.point_from_config)",
-        "columns": header, "command": command_line(argv), "machine": machine_info(),
-    })
-
-    def refresh_meta() -> None:
-        now_done, _ = read_done(out, epochs=epochs)
-        per_config = [sum(float(r["epoch_seconds"] or 0) for r in rows)
-                      for rows in now_done.values() if rows[-1]["status"] == "ok"]
+        wanted = ([] if args.no_base else [BASE_ID]) + list(range(args.start, args.start + args.configs))
+        todo = [cid for cid in wanted if (args.seed, cid) not in done]
+        host = socket.gethostname()
+        run_info = {"started_utc": _now(), "host": host, **git_state(), "argv": argv,
+                    "base_trial_sha256": _sha(base_trial), "configs_recorded": 0}
+        meta.setdefault("runs", []).append(run_info)
         meta.update({
-            "configs_done": len(now_done),
-            "configs_failed": sum(1 for rows in now_done.values() if rows[-1]["status"] != "ok"),
-            "sobol_configs_done": sum(1 for (_, cid) in now_done if cid != BASE_ID),
-            "rows": sum(len(rows) for rows in now_done.values()),
-            "median_train_seconds_per_config": (round(statistics.median(per_config), 1)
-                                                if per_config else None),
-            "updated_utc": _now(),
+            "benchmark": "learning curves (issue 24)", "csv": _rel(out), "fidelity": args.fidelity,
+            "seed": args.seed, "settings": settings, "preset": _rel(preset_path),
+            "space": _rel(space_path), "space_sha256": _sha(_sampled(space_raw)),
+                "space_raw": space_raw,
+            "base_trial": base_trial, "base_trial_sha256": _sha(base_trial),
+            "sampler": "scrambled Sobol (scipy.stats.qmc.Sobol, seed = --seed), one coordinate per "
+                       "Optuna parameter name, through search.space.SearchSpace.__call__; config -1 "
+                       "is the preset's trial (SearchSpace.point_from_config)",
+            "columns": header, "command": command_line(argv),
+            "regenerate": canonical_command(args), "machine": machine_info(),
         })
-        run_info["updated_utc"] = meta["updated_utc"]
-        write_meta(meta_path, meta)
 
-    refresh_meta()
-    print(f"{len(done)} config(s) already in {out}; {len(todo)} to record "
-          f"({args.fidelity}, {input_hw[0]}x{input_hw[1]}, {epochs} epochs, seed {args.seed})",
-          flush=True)
-    if not todo:
-        return 0
+        def refresh_meta() -> None:
+            now_done, _ = read_done(out, epochs=epochs)
+            per_config = [sum(float(r["epoch_seconds"] or 0) for r in rows)
+                          for rows in now_done.values() if rows[-1]["status"] == "ok"]
+            meta.update({
+                "configs_done": len(now_done),
+                "configs_failed": sum(1 for rows in now_done.values() if rows[-1]["status"] != "ok"),
+                "sobol_configs_done": sum(1 for (_, cid) in now_done if cid != BASE_ID),
+                "rows": sum(len(rows) for rows in now_done.values()),
+                "median_train_seconds_per_config": (round(statistics.median(per_config), 1)
+                                                    if per_config else None),
+                "updated_utc": _now(),
+            })
+            run_info["updated_utc"] = meta["updated_utc"]
+            write_meta(meta_path, meta)
 
-    data = None
-    failures_in_a_row = 0
-    for cid in todo:
-        overrides, params = sample_config(space, base_cfg, seed=args.seed, config_id=cid)
-        cfg = build(overrides)
-        if data is None:
-            started = time.perf_counter()
-            data = prepare_splits(cfg.data)
-            print(f"data: {len(data.train.landmarks)} train / {len(data.val.landmarks)} val images "
-                  f"at {input_hw[0]}x{input_hw[1]} in {time.perf_counter() - started:.1f}s",
-                  flush=True)
-        common = {"seed": args.seed, "config_id": cid, "source": "base" if cid == BASE_ID else "sobol",
-                  "fidelity": args.fidelity, "input_h": input_hw[0], "input_w": input_hw[1],
-                  "host": host, **params}
-        rows: list[dict] = []
-
-        def reporter(metrics: dict, _checkpoint_dir) -> None:
-            rows.append({**common, "epoch": int(metrics["epoch"]), "status": "ok",
-                         **{k: metrics.get(k) for k in METRIC_COLUMNS},
-                         "load1": round(os.getloadavg()[0], 2), "unix_time": int(time.time())})
-
-        label = ", ".join(f"{k}={_cell(v)}" for k, v in params.items() if v is not None)
-        print(f"config {cid}: {label}", flush=True)
-        started = time.perf_counter()
-        try:
-            with tempfile.TemporaryDirectory(prefix="curve-") as tmp:
-                run_trial(cfg, data=data, out_dir=tmp, reporter=reporter, log=_quiet)
-            failures_in_a_row = 0
-        except Exception as err:  # noqa: BLE001 - a failed config is a recorded outcome
-            traceback.print_exc()
-            rows.append({**common, "epoch": len(rows) + 1,
-                         "status": f"failed:{type(err).__name__}",
-                         "load1": round(os.getloadavg()[0], 2), "unix_time": int(time.time())})
-            failures_in_a_row = 0 if isinstance(err, FloatingPointError) else failures_in_a_row + 1
-        append_rows(out, header, rows)
-        run_info["configs_recorded"] += 1
         refresh_meta()
-        last = rows[-1]
-        print(f"config {cid} done in {time.perf_counter() - started:.0f}s: {last['status']}, "
-              f"final {_cell(last.get('val_measure_l1_mm'))} mm, "
-              f"best {_cell(min((r['val_measure_l1_mm'] for r in rows if r.get('val_measure_l1_mm') is not None), default=None))} mm, "
-              f"load {last['load1']}; {meta['configs_done']} in {out.name}", flush=True)
-        if failures_in_a_row >= 3:
-            print("three configs in a row failed with an error other than a diverging loss: "
-                  "stopping (see the tracebacks above)", file=sys.stderr, flush=True)
-            return 1
-    return 0
+        print(f"{len(done)} config(s) already in {out}; {len(todo)} to record "
+              f"({args.fidelity}, {input_hw[0]}x{input_hw[1]}, {epochs} epochs, seed {args.seed})",
+              flush=True)
+        if not todo:
+            return 0
+
+        data = None
+        failures_in_a_row = 0
+        for cid in todo:
+            overrides, params = sample_config(space, base_cfg, seed=args.seed, config_id=cid)
+            cfg = build(overrides)
+            if data is None:
+                started = time.perf_counter()
+                data = prepare_splits(cfg.data)
+                print(f"data: {len(data.train.landmarks)} train / {len(data.val.landmarks)} val images "
+                      f"at {input_hw[0]}x{input_hw[1]} in {time.perf_counter() - started:.1f}s",
+                      flush=True)
+            common = {"seed": args.seed, "config_id": cid, "source": "base" if cid == BASE_ID else "sobol",
+                      "fidelity": args.fidelity, "input_h": input_hw[0], "input_w": input_hw[1],
+                      "host": host, **params}
+            rows: list[dict] = []
+
+            def reporter(metrics: dict, _checkpoint_dir) -> None:
+                rows.append({**common, "epoch": int(metrics["epoch"]), "status": "ok",
+                             **{k: metrics.get(k) for k in METRIC_COLUMNS},
+                             "load1": round(os.getloadavg()[0], 2), "unix_time": int(time.time())})
+
+            label = ", ".join(f"{k}={_cell(v)}" for k, v in params.items() if v is not None)
+            print(f"config {cid}: {label}", flush=True)
+            started = time.perf_counter()
+            try:
+                with tempfile.TemporaryDirectory(prefix="curve-") as tmp:
+                    run_trial(cfg, data=data, out_dir=tmp, reporter=reporter, log=_quiet)
+                failures_in_a_row = 0
+            except Exception as err:  # noqa: BLE001 - a failed config is a recorded outcome
+                traceback.print_exc()
+                rows.append({**common, "epoch": len(rows) + 1,
+                             "status": f"failed:{type(err).__name__}",
+                             "load1": round(os.getloadavg()[0], 2), "unix_time": int(time.time())})
+                failures_in_a_row = 0 if isinstance(err, FloatingPointError) else failures_in_a_row + 1
+            append_rows(out, header, rows)
+            run_info["configs_recorded"] += 1
+            refresh_meta()
+            last = rows[-1]
+            print(f"config {cid} done in {time.perf_counter() - started:.0f}s: {last['status']}, "
+                  f"final {_cell(last.get('val_measure_l1_mm'))} mm, "
+                  f"best {_cell(min((r['val_measure_l1_mm'] for r in rows if r.get('val_measure_l1_mm') is not None), default=None))} mm, "
+                  f"load {last['load1']}; {meta['configs_done']} in {out.name}", flush=True)
+            if failures_in_a_row >= 3:
+                print("three configs in a row failed with an error other than a diverging loss: "
+                      "stopping (see the tracebacks above)", file=sys.stderr, flush=True)
+                return 1
+        return 0
+    finally:
+        lock.close()  # releases the lock (in-process callers: tests)
 
 
 def _quiet(message: str) -> None:
