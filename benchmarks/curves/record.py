@@ -98,7 +98,13 @@ def _drop_mask_steps_without_mask(raw: dict) -> None:
         from biometry.postprocess import create_step
     except ImportError:
         return
-    raw["inference"]["postprocess"] = [s for s in steps if "mask" not in create_step(s).needs]
+    kept = [s for s in steps if "mask" not in create_step(s).needs]
+    dropped = {create_step(s).name for s in steps} - {create_step(s).name for s in kept}
+    raw["inference"]["postprocess"] = kept
+    sweep = raw["inference"].get("sweep")
+    if isinstance(sweep, dict):  # and the variants of those steps that a sweep would try
+        raw["inference"]["sweep"] = {k: v for k, v in sweep.items()
+                                     if str(k).partition(".")[0] not in dropped}
 
 
 # -- sampling through the driver's define-by-run space ---------------------------------------------
