@@ -16,13 +16,19 @@ def staging_path(path: Path) -> Path:
     return path.with_name(path.name + STAGING_SUFFIX)
 
 
-def write_text(path: str | Path, text: str, *, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` through ``path.tmp`` and a rename."""
+def write_file(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` writes the content to ``path.tmp``, which is then renamed over ``path``
+    (e.g. ``write_file(folder / "model.pt", lambda tmp: torch.save(state, tmp))``)."""
     path = Path(path)
     tmp = staging_path(path)
-    tmp.write_text(text, encoding=encoding)
+    write(tmp)
     tmp.replace(path)
     return path
+
+
+def write_text(path: str | Path, text: str, *, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` through ``path.tmp`` and a rename."""
+    return write_file(path, lambda tmp: tmp.write_text(text, encoding=encoding))
 
 
 def write_json(path: str | Path, payload: Any, *, default: Callable[[Any], Any] = str) -> Path:
@@ -45,15 +51,25 @@ def swap_dir(staging: Path, destination: Path) -> Path:
     return destination
 
 
-def replace_dir(source: Path, destination: Path, *, files: Iterable[str] | None = None) -> Path:
-    """Copy ``source`` (only the named ``files`` of it, if given) over ``destination`` atomically:
-    staged in ``NAME.tmp``, then swapped in with :func:`swap_dir`."""
+def write_dir(destination: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(staging)`` fills a fresh folder ``NAME.tmp`` beside ``destination``, which
+    :func:`swap_dir` then puts in its place."""
+    destination = Path(destination)
     staging = staging_path(destination)
     shutil.rmtree(staging, ignore_errors=True)
-    if files is None:
-        shutil.copytree(source, staging)
-    else:
+    write(staging)
+    return swap_dir(staging, destination)
+
+
+def replace_dir(source: Path, destination: Path, *, files: Iterable[str] | None = None) -> Path:
+    """Copy ``source`` (only the named ``files`` of it, if given) over ``destination``
+    atomically (:func:`write_dir`)."""
+    def copy(staging: Path) -> None:
+        if files is None:
+            shutil.copytree(source, staging)
+            return
         staging.mkdir(parents=True)
         for name in files:
             shutil.copy2(source / name, staging / name)
-    return swap_dir(staging, destination)
+
+    return write_dir(destination, copy)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import traceback
 
-from biometry.errors import BiometryInputError
+from biometry.errors import run_cli
 
 COMMANDS = {
     "inspect": "import a data set, check it, write landmarks.csv, inspect.json and overlays",
@@ -39,13 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     # OpenCV logs a corrupt PNG as a WARN line on stderr, before our one error line
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     args = build_parser().parse_args(argv)
-    try:
-        return int(args._run(args) or 0)
-    except (BiometryInputError, FileNotFoundError, PermissionError, OSError) as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: args._run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

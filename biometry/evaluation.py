@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from biometry import atomic
+from biometry.constants import SPLITS
 from biometry.errors import BiometryInputError
 from biometry.io import read_grayscale, split_by_subject
 from biometry.metrics import (
@@ -43,8 +45,6 @@ PREDICTION_COLUMNS = (
 
 COVERAGES = (0.8, 0.9)
 """Coverages at which ``summary.json`` reports the error of the kept (least uncertain) images."""
-
-SPLITS = ("all", "train", "val", "test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ class Predictions:
         rounded = {c: 4 for c in PREDICTION_COLUMNS[1:12]}
         frame = frame.round(rounded)
         frame["uncertainty"] = [float(f"{u:.6g}") for u in frame["uncertainty"]]
-        _write_atomically(path, frame.to_csv(index=False, lineterminator="\n"))
+        atomic.write_text(path, frame.to_csv(index=False, lineterminator="\n"))
         return path
 
 
@@ -307,12 +307,6 @@ def _json_number(value):
     if isinstance(value, np.integer):
         return int(value)
     return value
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _warn(message: str) -> None:

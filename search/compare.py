@@ -27,7 +27,6 @@ import json
 import math
 import re
 import sys
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +37,9 @@ if str(REPO_ROOT) not in sys.path:  # `python search/compare.py` from a plain ch
 
 import pandas as pd  # noqa: E402
 
-from biometry.errors import BiometryInputError  # noqa: E402
+from biometry.constants import BEST_OBJECTIVE, OBJECTIVE  # noqa: E402
+from biometry.errors import BiometryInputError, run_cli  # noqa: E402
 
-OBJECTIVE = "val_measure_l1_mm"
-BEST_OBJECTIVE = f"best_{OBJECTIVE}"
 EXTRA_METRICS = ("nme", "unc_spearman", "aurc")
 PRINTED_METRICS = (("BPD", "bpd_l1_mm"), ("OFD", "ofd_l1_mm"), ("HC", "hc_l1_mm"),
                    ("mean", OBJECTIVE))
@@ -77,13 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return compare(args)
-    except (BiometryInputError, OSError) as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: compare(args), debug=args.debug)
 
 
 def compare(args: argparse.Namespace) -> int:
