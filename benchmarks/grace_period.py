@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from search.run import load_preset  # noqa: E402
+from search.cli import load_preset  # noqa: E402
 from search.space import load_space, trial_overrides  # noqa: E402
 from trainables.config import config_from_dict, set_dotted  # noqa: E402
 from trainables.data import prepare_splits  # noqa: E402

@@ -96,7 +96,7 @@ def parse_hw(text: str) -> tuple[int, int]:
 
 def base_trial(args, data: str) -> dict:
     """The trial config every method starts from (the cpu preset's, made small)."""
-    from search.run import load_preset
+    from search.cli import load_preset
 
     trial = load_preset("cpu").trial
     h, w = parse_hw(args.input_hw)
@@ -125,7 +125,7 @@ def space_dict(args) -> dict:
 
 
 def ours_settings(args) -> dict:
-    from search.run import load_preset
+    from search.cli import load_preset
 
     preset = load_preset("cpu")
     cpu = preset.search

@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def preset_config(name: str, *, smoke: bool):
     """The preset's trial config, as the trainer would build it (smoke: tiny input and model)."""
-    from search.run import load_preset
+    from search.cli import load_preset
     from trainables.config import config_from_dict
 
     trial = load_preset(name).trial

@@ -1,11 +1,14 @@
-"""Reading a finished (or interrupted) search from its run folder: checkpoints, best model, table."""
+"""Reading a search's results: checkpoints, each trial's best epoch, model folders exported."""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+from biometry import atomic
+from biometry.constants import OBJECTIVE
 
 MODEL_FILES = ("model.pt", "model.yaml")
 
@@ -33,12 +36,23 @@ def best_checkpoint_folder(trial_dir: str | Path, objective: str) -> Path | None
 
 def export_model_folder(checkpoint: Path, destination: Path) -> Path:
     """Copy a checkpoint's model files into ``destination`` (replacing it atomically)."""
-    staging = destination.with_name(destination.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in MODEL_FILES:
-        shutil.copy2(checkpoint / name, staging / name)
-    if destination.exists():
-        shutil.rmtree(destination)
-    staging.rename(destination)
-    return destination
+    return atomic.replace_dir(checkpoint, destination, files=MODEL_FILES)
+
+
+def best_epoch(history) -> tuple[Any, dict[str, float]]:
+    """The row of a trial's lowest objective and its metrics (mm, nme, uncertainty ranking)."""
+    row = history.loc[history[OBJECTIVE].idxmin()]
+    return row, reported_metrics(row)
+
+
+def reported_metrics(metrics) -> dict[str, float]:
+    """The figures a summary keeps of a report (a dict or a history row): mm, nme, ranking."""
+    return {k: float(metrics[k]) for k in metrics.keys()
+            if k.endswith("_mm") or k in ("nme", "unc_spearman", "aurc")}
+
+
+def export_best_checkpoint(result, destination: Path) -> None:
+    """Copy the model files of a Ray result's best checkpoint into ``destination``."""
+    checkpoint = min(result.best_checkpoints, key=lambda cm: cm[1].get(OBJECTIVE, math.inf))[0]
+    with checkpoint.as_directory() as folder:
+        export_model_folder(Path(folder), destination)

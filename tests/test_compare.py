@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search import compare
-from search import run as search_run
+from search import cli as search_cli
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "cmp"
@@ -32,7 +32,7 @@ def smoke_search(ray_session, tmp_path_factory) -> Path:
     cwd = os.getcwd()
     os.chdir(base)
     try:
-        assert search_run.main(["--preset", "smoke", "--out", str(base / "runs"),
+        assert search_cli.main(["--preset", "smoke", "--out", str(base / "runs"),
                                 "--name", NAME]) == 0
     finally:
         os.chdir(cwd)

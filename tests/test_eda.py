@@ -139,7 +139,7 @@ def test_core_subset_drops_the_top_fraction(corrupted_csv, corrupted_records):
 
 
 def test_search_outlier_names_uses_these_scores(corrupted_csv):
-    from search.run import outlier_names
+    from search.driver import outlier_names
     from trainables.config import DataConfig
     from trainables.data import load_split_records
 

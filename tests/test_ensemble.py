@@ -125,7 +125,7 @@ def test_members_must_share_the_split_and_the_output_layout(tmp_path):
 
 
 def test_the_driver_knows_the_ensemble_combines_without_importing_torch():
-    from search.run import FINAL_COMBINES, SearchSettings
+    from search.cli import FINAL_COMBINES, SearchSettings
 
     assert FINAL_COMBINES == ENSEMBLE_COMBINES
     assert SearchSettings().final_combine == "median"

@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from biometry.errors import BiometryInputError
 from biometry.inference import load_model_folder
-from search import run as search_run
+from search import cli as search_cli
+from search import driver as search_driver
 from search.space import load_space, space_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,8 +63,8 @@ def test_space_validation_names_the_key(tmp_path):
 
 def test_default_space_samples_valid_configs():
     space = load_space(REPO / "configs/search/default.yaml")
-    preset = search_run.load_preset("cpu")
-    search_run.validate_space_against_config(space, preset.trial, samples=30)
+    preset = search_cli.load_preset("cpu")
+    search_driver.validate_space_against_config(space, preset.trial, samples=30)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     values = [space(study.ask()) for _ in range(40)]
     assert {v["model.name"] for v in values} == {"unet", "unet_multihead", "hrnet_compact"}
@@ -78,7 +79,7 @@ def test_search_with_asha_mlflow_and_optuna(tmp_path, ray_session):
     # one learning rate that cannot learn, so ASHA has something to stop
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"params": {
         "train.lr": {"choices": [1.0e-7, 3.0e-3]}, "augment.rotate_deg": {"low": 0.0, "high": 5.0}}}))
-    rc = search_run.main(["--preset", str(preset), "--out", str(tmp_path / "runs"),
+    rc = search_cli.main(["--preset", str(preset), "--out", str(tmp_path / "runs"),
                           "--name", "t4", "--seed", "3"])
     assert rc == 0
     run_dir = tmp_path / "runs" / "t4"
@@ -112,10 +113,10 @@ def test_final_retrain_trains_the_best_config_longer_and_selects_the_better(tmp_
     preset = write_preset(tmp_path / "p.yaml", num_samples=2, epochs=1, concurrent=2,
                           final_overrides={"data.input_h": 80, "data.input_w": 120})
     argv = ["--preset", str(preset), "--out", str(tmp_path / "runs"), "--name", "fin"]
-    assert search_run.main(argv) == 0
+    assert search_cli.main(argv) == 0
     run_dir = tmp_path / "runs" / "fin"
     assert "final" not in json.loads((run_dir / "summary.json").read_text())
-    assert search_run.main([*argv, "--resume", "--final-epochs", "3"]) == 0
+    assert search_cli.main([*argv, "--resume", "--final-epochs", "3"]) == 0
 
     summary = json.loads((run_dir / "summary.json").read_text())
     final = summary["final"]
@@ -143,15 +144,15 @@ def test_final_retrain_trains_the_best_config_longer_and_selects_the_better(tmp_
     assert finals[0].data.params["train.epochs"] == "3"
     assert sum(r.data.tags.get("role") == "trial" for r in runs) == 2
 
-    assert search_run.main([*argv, "--resume", "--final-epochs", "3"]) == 0
+    assert search_cli.main([*argv, "--resume", "--final-epochs", "3"]) == 0
     _, runs = mlflow_runs(run_dir, "fin")
     assert sum(r.data.tags.get("role") == "final" for r in runs) == 1
     assert json.loads((run_dir / "summary.json").read_text())["final"] == final
     with pytest.raises(BiometryInputError, match="its final retrain ran 3 epochs"):
-        search_run.run_search(search_run.parse_args([*argv, "--resume", "--final-epochs", "5"]))
+        search_driver.run_search(search_cli.parse_args([*argv, "--resume", "--final-epochs", "5"]))
     write_preset(preset, num_samples=2, epochs=1, concurrent=2, final_overrides={})
     with pytest.raises(BiometryInputError, match="its final retrain ran with search.final_overr"):
-        search_run.run_search(search_run.parse_args([*argv, "--resume", "--final-epochs", "3"]))
+        search_driver.run_search(search_cli.parse_args([*argv, "--resume", "--final-epochs", "3"]))
 
 
 def test_final_seeds_train_at_once_and_final_is_their_ensemble(tmp_path, ray_session):
@@ -164,7 +165,7 @@ def test_final_seeds_train_at_once_and_final_is_their_ensemble(tmp_path, ray_ses
     preset = write_preset(tmp_path / "p.yaml", num_samples=1, epochs=1, concurrent=2,
                           final_epochs=2, final_seeds=2)
     argv = ["--preset", str(preset), "--out", str(tmp_path / "runs"), "--name", "ens"]
-    assert search_run.main(argv) == 0
+    assert search_cli.main(argv) == 0
     run_dir = tmp_path / "runs" / "ens"
     summary = json.loads((run_dir / "summary.json").read_text())
     final = summary["final"]
@@ -200,17 +201,17 @@ def test_final_seeds_train_at_once_and_final_is_their_ensemble(tmp_path, ray_ses
     artifacts = {a.path for a in client.list_artifacts(ensemble[0].info.run_id, "model")}
     assert artifacts == {"model/model.pt", "model/model.yaml"}
 
-    assert search_run.main([*argv, "--resume"]) == 0
+    assert search_cli.main([*argv, "--resume"]) == 0
     _, again = mlflow_runs(run_dir, "ens")
     assert len(again) == len(runs)
     assert json.loads((run_dir / "summary.json").read_text())["final"] == final
     with pytest.raises(BiometryInputError, match="trained 2 seed.s., the preset asks for "
                                                  "search.final_seeds 3"):
-        search_run.run_search(search_run.parse_args([*argv, "--resume", "--final-seeds", "3"]))
+        search_driver.run_search(search_cli.parse_args([*argv, "--resume", "--final-seeds", "3"]))
 
     seeds_written = {m["model"]: (Path(m["model"]) / "model.pt").stat().st_mtime_ns
                      for m in final["members"]}
-    assert search_run.main([*argv, "--resume", "--final-combine", "maps"]) == 0
+    assert search_cli.main([*argv, "--resume", "--final-combine", "maps"]) == 0
     rebuilt = json.loads((run_dir / "summary.json").read_text())["final"]
     assert rebuilt["combine"] == "maps" and rebuilt["members"] == final["members"]
     assert {m: (Path(m) / "model.pt").stat().st_mtime_ns for m in seeds_written} == seeds_written
@@ -237,9 +238,9 @@ def test_final_seeds_train_at_once_and_final_is_their_ensemble(tmp_path, ray_ses
 def test_bad_final_overrides_are_refused_before_the_search(tmp_path, overrides, message):
     preset = write_preset(tmp_path / "p.yaml", num_samples=1, epochs=1, final_epochs=2,
                           final_overrides=overrides)
-    args = search_run.parse_args(["--preset", str(preset), "--out", str(tmp_path / "runs")])
+    args = search_cli.parse_args(["--preset", str(preset), "--out", str(tmp_path / "runs")])
     with pytest.raises(BiometryInputError, match=re.escape(message)):
-        search_run.run_search(args)
+        search_driver.run_search(args)
     assert not (tmp_path / "runs").exists()
 
 
@@ -278,19 +279,19 @@ def test_smoke_preset_command(tmp_path):
 
 
 def test_impossible_gpu_request_is_refused(tmp_path, ray_session):
-    args = search_run.parse_args(["--preset", "smoke", "--gpus-per-trial", "1", "--out",
+    args = search_cli.parse_args(["--preset", "smoke", "--gpus-per-trial", "1", "--out",
                                   str(tmp_path)])
     with pytest.raises(BiometryInputError, match="asks for a GPU but the Ray cluster has none"):
-        search_run.run_search(args)
+        search_driver.run_search(args)
 
 
 def test_existing_run_is_not_overwritten(tmp_path, ray_session):
     run_dir = tmp_path / "same"
     run_dir.mkdir()
     (run_dir / "search.json").write_text("{}")
-    args = search_run.parse_args(["--preset", "smoke", "--out", str(tmp_path), "--name", "same"])
+    args = search_cli.parse_args(["--preset", "smoke", "--out", str(tmp_path), "--name", "same"])
     with pytest.raises(BiometryInputError, match="pass --resume"):
-        search_run.run_search(args)
+        search_driver.run_search(args)
     assert (run_dir / "search.json").read_text() == "{}"
 
 # The killed-driver + --resume test lives in tests/reliability/test_faults.py.
@@ -298,7 +299,7 @@ def test_existing_run_is_not_overwritten(tmp_path, ray_session):
 
 def test_the_presets_base_config_is_the_first_point_and_the_space_can_produce_it():
     space = load_space(REPO / "configs/search/default.yaml")
-    base = search_run.load_preset("cpu")
+    base = search_cli.load_preset("cpu")
     from trainables.config import config_from_dict
 
     point = space.point_from_config(config_from_dict(base.trial).flat())
