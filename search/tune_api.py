@@ -4,17 +4,21 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
 import ray
 from ray import tune
-from ray.tune import Callback, CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+from ray.tune import (
+    Callback, CheckpointConfig, FailureConfig, ProgressReporter, RunConfig, TuneConfig, Tuner,
+)
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from biometry.errors import BiometryInputError
+from search.trial_table import TrialRow, table_lines
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +227,7 @@ def make_tuner(trainable: Callable, *, data: Any, base_config: dict, searcher, s
                callbacks: list, metric: str, max_failures: int, verbose: int = 1,
                param_space: dict | None = None) -> Tuner:
     """``param_space``: fixed dotted keys for a searcher-less run (the final retrain)."""
+    _use_output_engine_with_reporters()
     return Tuner(
         _with_resources(trainable, data=data, base_config=base_config, cpus=cpus_per_trial,
                         gpus=gpus_per_trial),
@@ -233,6 +238,7 @@ def make_tuner(trainable: Callable, *, data: Any, base_config: dict, searcher, s
                                trial_dirname_creator=_trial_name),
         run_config=RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks, verbose=verbose,
+            progress_reporter=TrialTableReporter(),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=max_failures)),
@@ -254,6 +260,8 @@ def can_restore(path: str | Path) -> bool:
 
 def restore_tuner(path: str | Path, trainable: Callable, *, data: Any, base_config: dict,
                   cpus_per_trial: float, gpus_per_trial: float) -> Tuner:
+    """The tuner saved at ``path`` (its run config, trial table included, comes with it)."""
+    _use_output_engine_with_reporters()
     return Tuner.restore(str(path), _with_resources(trainable, data=data, base_config=base_config,
                                                      cpus=cpus_per_trial, gpus=gpus_per_trial),
                          resume_unfinished=True, resume_errored=True)
@@ -268,3 +276,43 @@ def _with_resources(trainable: Callable, *, data: Any, base_config: dict, cpus: 
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
+
+
+class TrialTableReporter(ProgressReporter):
+    """Tune's terminal table as :mod:`search.trial_table` draws it: the best trials first, 120
+    columns; every ``every_s`` seconds while trials run, and once at the end."""
+
+    def __init__(self, *, every_s: float = 30.0):
+        self.every_s = every_s
+        self.start_time = time.time()
+        self.total_samples: int | None = None
+        self.last_report = -math.inf
+
+    def setup(self, start_time: float | None = None, total_samples: int | None = None,
+              **kwargs) -> None:
+        self.start_time = start_time or time.time()
+        self.total_samples = total_samples
+        self.last_report = -math.inf
+
+    def should_report(self, trials: list, done: bool = False) -> bool:
+        if done or time.monotonic() - self.last_report >= self.every_s:
+            self.last_report = time.monotonic()
+            return True
+        return False
+
+    def report(self, trials: list, done: bool, *sys_info: str) -> None:
+        rows = [TrialRow(trial_id=str(t.trial_id), status=str(t.status), config=dict(t.config),
+                         result=dict(t.last_result or {})) for t in trials]
+        notes = [line for info in sys_info for line in str(info).splitlines() if line.strip()]
+        lines = table_lines(rows, total=self.total_samples, notes=notes,
+                            elapsed_s=time.time() - self.start_time)
+        if done:  # where each failed trial's traceback is (a path: not clipped)
+            lines += [f"trial {t.trial_id} failed: {t.error_file}" for t in trials
+                      if getattr(t, "error_file", None)]
+        print("\n".join(lines) + "\n", flush=True)
+
+
+def _use_output_engine_with_reporters() -> None:
+    """Ray 2.60's default output engine ignores ``RunConfig(progress_reporter=...)``;
+    ``RAY_AIR_NEW_OUTPUT=0`` selects the engine that calls it (unless the user chose one)."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

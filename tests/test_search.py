@@ -73,7 +73,46 @@ def test_default_space_samples_valid_configs():
     assert all(len(v["loss.channel_weights"]) == 4 for v in values)
 
 
-def test_search_with_asha_mlflow_and_optuna(tmp_path, ray_session):
+def trial_tables(stdout: str) -> list[list[str]]:
+    """The trial tables a search printed: each from its header (``trial  status ...``) to the
+    line before its legend, the lines around them (status, Ray's notes) included."""
+    from search.trial_table import LEGEND
+
+    tables, current = [], None
+    for line in stdout.splitlines():
+        if line.startswith("== search "):
+            current = []
+        elif current is not None and line == LEGEND:
+            tables.append(current)
+            current = None
+        elif current is not None and (current or line.startswith("trial ")):
+            current.append(line)
+    return tables
+
+
+def test_the_trial_table_ranks_by_best_value_and_fits_its_width():
+    from search.trial_table import TrialRow, table_lines
+
+    long_name = "a_model_name_much_longer_than_any_registered_architecture"
+    rows = [TrialRow("a1", "RUNNING", {"model.name": "unet", "train.lr": 0.00123456}, {}),
+            TrialRow("b2", "TERMINATED", {"model.name": long_name, "train.lr": 0.002},
+                     {"training_iteration": 4, "best_val_measure_l1_mm": 1.5}),
+            TrialRow("c3", "TERMINATED", {"model.name": "hrnet_compact", "train.lr": 0.003},
+                     {"training_iteration": 8, "best_val_measure_l1_mm": 1.2,
+                      "val_measure_l1_mm": 1.25, "hc_l1_mm": 3.456}),
+            TrialRow("d4", "ERROR", {"train.lr": 0.01},
+                     {"training_iteration": 1, "best_val_measure_l1_mm": float("nan")})]
+    lines = table_lines(rows, total=10, elapsed_s=3725, width=72, max_rows=3)
+    assert lines[0] == "== search 01:02:05: 4 of 10 trials (1 ERROR, 1 RUNNING, 2 TERMINATED) =="
+    assert all(len(line) <= 72 for line in lines)
+    header = lines[1].split()
+    assert header[:2] == ["trial", "status"] and "lr" not in header  # dropped to fit 72
+    assert [line.split()[0] for line in lines[2:5]] == ["c3", "b2", "a1"]  # best first
+    assert lines[-1] == "... 1 more trials, below these: 1 ERROR"
+    assert "lr" in table_lines(rows)[1].split()  # 120 columns hold it
+
+
+def test_search_with_asha_mlflow_and_optuna(tmp_path, ray_session, capsys):
     preset = write_preset(tmp_path / "p.yaml", num_samples=4, epochs=4,
                           space=str(tmp_path / "space.yaml"))
     # one learning rate that cannot learn, so ASHA has something to stop
@@ -86,6 +125,10 @@ def test_search_with_asha_mlflow_and_optuna(tmp_path, ray_session):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["num_trials"] == 4
     assert (run_dir / "best" / "model.pt").is_file() and (run_dir / "best" / "model.yaml").is_file()
+    # the live trial table: 120 columns at most, and the last one lists the best trial first
+    tables = trial_tables(capsys.readouterr().out)
+    assert tables and all(len(line) <= 120 for table in tables for line in table)
+    assert tables[-1][1].split()[0] == summary["best_trial_id"], "\n".join(tables[-1])
 
     client, runs = mlflow_runs(run_dir, "t4")
     parents = [r for r in runs if r.data.tags.get("role") == "search"]
