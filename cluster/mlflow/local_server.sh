@@ -8,7 +8,8 @@
 #
 # `start` prints the tracking URI (http://127.0.0.1:PORT) as the last line of stdout and writes
 # STATE_DIR/server.env (MLFLOW_TRACKING_URI=..., PG_PORT=...). Both servers listen on 127.0.0.1
-# only. PostgreSQL has no Unix socket and asks for a password (scram-sha-256); the password is
+# only; MLFLOW_HOST=ADDRESS binds MLflow to another local address (e.g. a test network's bridge;
+# MLflow's default --allowed-hosts admits private addresses). PostgreSQL has no Unix socket and asks for a password (scram-sha-256); the password is
 # generated once into STATE_DIR/db_password (mode 600) and reaches MLflow through PGPASSWORD,
 # never on a command line. Artifacts go to STATE_DIR/artifacts through MLflow's artifact proxy.
 #
@@ -32,6 +33,7 @@ STATE=$2
 shift 2
 PG_PORT=""
 ML_PORT=""
+ML_HOST=${MLFLOW_HOST:-127.0.0.1}
 EXTRA_ARGS=()
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -189,11 +191,11 @@ start_mlflow() {
         setsid "$PY" -m mlflow server \
         --backend-store-uri "$backend" \
         --artifacts-destination "$STATE/artifacts" \
-        --host 127.0.0.1 --port "$ML_PORT" --workers 1 \
+        --host "$ML_HOST" --port "$ML_PORT" --workers 1 \
         "${EXTRA_ARGS[@]}" >"$STATE/mlflow.log" 2>&1 </dev/null 9>&- &
     pid=$!
     echo "$pid" >"$STATE/mlflow.pid"
-    uri="http://127.0.0.1:$ML_PORT"
+    uri="http://$ML_HOST:$ML_PORT"
     cat >"$STATE/server.env" <<EOF
 MLFLOW_TRACKING_URI=$uri
 PG_PORT=$PG_PORT
