@@ -37,18 +37,10 @@ def main() -> int:
                    help="continue the search --name (a finished one: only what follows it, the "
                         "final retrain), then evaluate")
     p.add_argument("--flip-tta", action="store_true")
-    p.add_argument("--mask-fallback", default=None, metavar="T",
-                   help="evaluate with this mask fallback, or 'off' (default: the model's setting)")
-    p.add_argument("--mask-small-heads", default=None, metavar="MM",
-                   help="evaluate with heads whose mask ellipse measures under MM mm of HC "
-                        "measured by it, or 'off' (default: the model's setting)")
+    p.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE",
+                   help="evaluate with this post-processing change (evaluate --set); repeatable")
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
-    from biometry.commands.evaluate import mask_fallback_option, mask_small_heads_option
-
-    # checked before the search, not after it
-    args.mask_fallback = mask_fallback_option(args)
-    args.mask_small_heads = mask_small_heads_option(args)
 
     run_dir = Path(args.out) / args.name
     search_cmd = [sys.executable, "search/run.py", "--data", args.data, "--preset", args.preset,
@@ -135,11 +127,9 @@ def _same(a, b) -> bool:
 
 def inference_flags(args) -> list[str]:
     """The evaluate options this benchmark passes on to every evaluation."""
-    flags = ["--flip-tta"] if args.flip_tta else []
-    if args.mask_fallback is not None:
-        flags += ["--mask-fallback", str(args.mask_fallback)]
-    if args.mask_small_heads is not None:
-        flags += ["--mask-small-heads", str(args.mask_small_heads)]
+    flags = ["--set", "flip_tta=on"] if args.flip_tta else []
+    for setting in args.set:
+        flags += ["--set", setting]
     return flags
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/core_subset.py [--epochs 8] [--budget-min 7.5] [--out FILE]
 
-Trains the cpu trial config (``configs/trial/cpu.yaml`` at 96x144, few epochs) on the shared HC18
+Trains the cpu preset's trial config (``configs/presets/cpu.yaml`` at 96x144, few epochs) on the shared HC18
 data with ``exclude_outliers`` 0 and 0.05 and compares the validation metrics; the validation
 split is never filtered. Exclusion goes the way the search does it: names from
 :func:`biometry.eda.core_subset` on the TRAIN split, then ``prepare_splits(cfg.data,
@@ -44,7 +44,10 @@ import numpy as np  # noqa: E402
 from biometry.checks import swap_pairs  # noqa: E402
 from biometry.eda import core_subset, outlier_table  # noqa: E402
 from biometry.io import load_records, write_landmark_csv  # noqa: E402
-from trainables.config import load_config  # noqa: E402
+import yaml  # noqa: E402
+
+from trainables.config import config_from_dict, with_overrides  # noqa: E402
+from trainables.sweep import per_image_objective  # noqa: E402
 from trainables.data import load_split_records, prepare_splits  # noqa: E402
 from trainables.train import OBJECTIVE, run_trial  # noqa: E402
 
@@ -116,8 +119,6 @@ def one_run(cfg, labels: str, fraction: float, seed: int, path_and_corrupted, pr
     """Train one arm; return its record and the per-image validation measurement error (mm) of
     the last epoch's model."""
     from biometry.inference import LandmarkPredictor
-    from biometry.metrics import per_image_errors
-    from biometry.transforms import zscore
 
     path, corrupted = path_and_corrupted
     data_cfg = dataclasses.replace(cfg.data, path=str(path), exclude_outliers=fraction)
@@ -141,11 +142,7 @@ def one_run(cfg, labels: str, fraction: float, seed: int, path_and_corrupted, pr
         epochs.append(dict(metrics))
         if metrics["epoch"] == run_cfg.train.epochs:  # per-image errors of the last model
             predictor = LandmarkPredictor.from_folder(checkpoint)
-            batch = np.stack([zscore(img) for img in data.val.images])[:, None]
-            coords, _ = predictor.predict_input(torch_tensor(batch))
-            pred = data.val.to_original(coords)
-            last_errors.append(per_image_errors(pred, data.val.original,
-                                                data.val.pixel_mm)["measure_error_mm"])
+            last_errors.append(per_image_objective(predictor, data.val))
 
     run_trial(run_cfg, data=data, out_dir=tmp / "trial", reporter=reporter,
               log=lambda line: print(f"[{labels} Q={fraction} seed {seed}] {line}", flush=True))
@@ -167,12 +164,6 @@ def one_run(cfg, labels: str, fraction: float, seed: int, path_and_corrupted, pr
         "load_avg_after": load_avg(),
     }
     return record, last_errors[0]
-
-
-def torch_tensor(array: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
 def paired_difference(base: np.ndarray, other: np.ndarray) -> dict:
@@ -205,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "core_subset", "date": dt.datetime.now().isoformat(timespec="seconds"),
               "machine": machine(), "load_avg_before": load_avg(), "runs": [], "pairs": [],
               "skipped": []}
-    cfg = load_config(REPO_ROOT / "configs" / "trial" / "cpu.yaml", overrides={
+    preset = yaml.safe_load((REPO_ROOT / "configs" / "presets" / "cpu.yaml").read_text())
+    raw, _ = with_overrides(preset["trial"], {
         "data.path": str(HC18_DIR), "data.input_h": 96, "data.input_w": 144,
         "train.epochs": args.epochs, "data.limit": limit})
+    cfg = config_from_dict(raw, source="configs/presets/cpu.yaml trial")
     result["config"] = cfg.flat()
 
     with tempfile.TemporaryDirectory(prefix="core-subset-") as tmp:

@@ -34,7 +34,7 @@ from biometry.errors import BiometryInputError  # noqa: E402
 from biometry.evaluation import predict_records, select_split  # noqa: E402
 from biometry.inference import LandmarkPredictor, ensemble_of, load_model_spec  # noqa: E402
 from biometry.io import import_dataset  # noqa: E402
-from biometry.models import ENSEMBLE_COMBINES, MeanOfModels  # noqa: E402
+from biometry.models import ENSEMBLE_COMBINES  # noqa: E402
 from biometry.metrics import measurements_mm, per_image_errors  # noqa: E402
 
 
@@ -80,10 +80,7 @@ def main() -> int:
         rows.append(row)
     ensembles = {}
     for combine in ENSEMBLE_COMBINES:  # the members already loaded, combined each way
-        spec = replace(ensemble_spec, model_kwargs={**ensemble_spec.model_kwargs,
-                                                    "combine": combine})
-        ensemble = LandmarkPredictor(MeanOfModels(list(ensemble_model.members), combine=combine),
-                                     spec)
+        ensemble = LandmarkPredictor(ensemble_model, replace(ensemble_spec, combine=combine))
         ensembles[combine] = {"models": args.models, "combine": combine,
                               "val": error_row(predict_records(ensemble, by_split["val"])
                                                .landmarks, by_split["val"])}

@@ -135,7 +135,6 @@ class Stepper:
     def train_step(self, images, heatmaps, keypoints) -> None:
         import torch
 
-        from biometry.inference import decode_coords
         from biometry.losses import biometry_loss
         from biometry.models import split_mask
 
@@ -145,7 +144,7 @@ class Stepper:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             pred = self.model(images)
         pred, mask_logits = split_mask(pred.float())
-        coords = decode_coords(pred, self.codec, beta=self.cfg.train.softargmax_beta)
+        coords, _ = self.codec.decode(pred, beta=self.cfg.train.softargmax_beta)
         mask = (None if mask_logits is None
                 else (mask_logits, *self.codec.encode_head_region(keypoints)))
         loss, _ = biometry_loss(pred, heatmaps, coords, keypoints, self.cfg.loss,
@@ -161,14 +160,13 @@ class Stepper:
     def infer(self, images) -> None:
         import torch
 
-        from biometry.inference import decode_coords
         from biometry.models import split_mask
 
         self.model.eval()
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
                                              enabled=self.amp):
-            coords = decode_coords(split_mask(self.model(self._images(images)))[0], self.codec,
-                                   beta=self.cfg.train.softargmax_beta)
+            coords, _ = self.codec.decode(split_mask(self.model(self._images(images)))[0],
+                                          beta=self.cfg.train.softargmax_beta)
         coords.cpu()  # the predictor hands coordinates back on the CPU: a sync point
 
 

@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine_info  # noqa: E402
-from biometry.commands.evaluate import mask_fallback_option, mask_small_heads_option  # noqa: E402
 from biometry.evaluation import select_split  # noqa: E402
 from biometry.geometry import diameter_lengths  # noqa: E402
-from biometry.inference import LandmarkPredictor, head_scale_range  # noqa: E402
+from biometry.inference import LandmarkPredictor, load_model_folder  # noqa: E402
+from biometry.postprocess import steps_to_config, with_settings  # noqa: E402
 from biometry.io import import_dataset  # noqa: E402
 from biometry.io import read_grayscale  # noqa: E402
 from biometry.metrics import per_image_errors  # noqa: E402
@@ -54,26 +54,19 @@ def main() -> int:
     p.add_argument("--data", default=str(REPO.parent / "shared/data/hc18"))
     p.add_argument("--zooms", type=float, nargs="+", default=[1.0, 0.7, 0.5])
     p.add_argument("--name", default=None, help="results name (default: the model folder's parent)")
-    p.add_argument("--second-look-quantile", type=float, default=None,
-                   help="override the model's second-look range (0 = off)")
-    p.add_argument("--mask-fallback", default=None,
-                   help="override the model's fallback to its mask's ellipse ('off': none)")
-    p.add_argument("--mask-small-heads", default=None,
-                   help="override the HC (mm) under which the mask's ellipse measures a head "
-                        "('off': never)")
+    p.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE",
+                   help="change the model's post-processing (as evaluate --set); "
+                        "second_look.quantile=Q refits the range on the training split")
     args = p.parse_args()
 
-    predictor = LandmarkPredictor.from_folder(args.model, mask_fallback=mask_fallback_option(args),
-                                              mask_small_head_mm=mask_small_heads_option(args))
+    model, spec = load_model_folder(args.model)
     all_records = import_dataset(args.data).records
-    records = select_split(all_records, predictor.spec, "val", data=args.data)
-    if args.second_look_quantile is not None:
-        train = select_split(all_records, predictor.spec, "train", data=args.data)
-        boxed = [letterbox(read_grayscale(r.image), r.landmarks, predictor.spec.input_hw)[1]
-                 for r in train]
-        predictor.spec.head_scale = head_scale_range(diameter_lengths(np.stack(boxed))[1],
-                                                     args.second_look_quantile)
-        print(f"second look: {predictor.spec.head_scale or 'off'}")
+    records = select_split(all_records, spec, "val", data=args.data)
+    train = select_split(all_records, spec, "train", data=args.data)
+    boxed = [letterbox(read_grayscale(r.image), r.landmarks, spec.input_hw)[1] for r in train]
+    steps = with_settings(spec.steps(), args.set, train_ofd_px=diameter_lengths(np.stack(boxed))[1])
+    predictor = LandmarkPredictor(model, spec, postprocess=steps)
+    print(f"post-processing: {steps_to_config(steps) or 'none'}")
     images = [cv2.imread(str(r.image), cv2.IMREAD_GRAYSCALE) for r in records]
     spacing = np.array([r.pixel_mm for r in records])
     rows = []
@@ -94,9 +87,7 @@ def main() -> int:
     out = REPO / "benchmarks/results" / f"zoom_stress_{name}.json"
     out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                                "model": str(Path(args.model).resolve()), "machine": machine_info(),
-                               "head_scale": predictor.spec.head_scale,
-                               "mask_fallback": predictor.mask_fallback,
-                               "mask_small_head_mm": predictor.mask_small_head_mm,
+                               "postprocess": steps_to_config(steps),
                                "results": rows}, indent=2))
     print(f"wrote {out}")
     return 0

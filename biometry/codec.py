@@ -3,17 +3,15 @@
 Heatmap pixel ``j`` has its centre at input pixel ``j * stride + (stride - 1) / 2``; only this module
 knows that. Keypoints are (x, y) arrays.
 
-Decoding modes (soft-argmax = expectation of coordinates under a distribution made from the map):
+Every decoder production runs lives here, behind :meth:`HeatmapCodec.decode` (soft-argmax =
+expectation of coordinates under ``softmax(beta * map)``):
 
-- ``"local"`` (default): non-negative part of the map in a ``(2r+1)^2`` window (``r = ceil(4 sigma)``)
-  around the integer peak, divided by its sum. A map trained with MSE towards Gaussian targets is
-  about 0 away from the peak, but the sum of small positive background values over the whole map
-  still pulls a global expectation towards the map centre; the window keeps the sub-pixel accuracy
-  and drops that bias. It is what the round trip uses (exact up to the sampled Gaussian's symmetry).
-- ``"relu"``: the same normalisation over the whole map (what ``soft_argmax(mode="relu")`` trains).
-- ``"softmax"``: ``softmax(beta * map)`` over the whole map, for models whose outputs are logits
-  (integral regression). With peak-1 Gaussian maps and ``beta = 1`` the background dominates and the
-  result sits near the map centre; large ``beta`` tends to argmax and loses the sub-pixel part.
+- ``decode="global"``: over the whole map (what training's coordinate loss differentiates);
+- ``decode="window"``: over a window of :attr:`HeatmapCodec.window_radius` around the peak, so
+  stray mass far from the peak does not pull the estimate towards the map centre;
+- ``decode="argmax"``: the integer peak with mmpose's quarter-pixel shift (not differentiable);
+- ``pairing="unordered"``: both endpoints of a diameter from the sum of its two maps, each in its
+  own window of the same radius (:func:`pair_soft_argmax`), whatever ``decode`` says.
 """
 from __future__ import annotations
 
@@ -22,17 +20,13 @@ import math
 import numpy as np
 import torch
 
-DECODE_MODES = ("local", "relu", "softmax")
+DECODES = ("global", "window", "argmax")
+PAIRINGS = ("ordered", "unordered")
+WINDOW_SIGMAS = 4.0  # default window half size, in Gaussian sigmas
 
 
 def _is_positive_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
-
-
-def _check_mode(mode: str) -> str:
-    if mode not in DECODE_MODES:
-        raise ValueError(f"decode_mode must be one of {DECODE_MODES} but got {mode!r}.")
-    return mode
 
 
 def _check_beta(beta: float) -> float:
@@ -41,43 +35,51 @@ def _check_beta(beta: float) -> float:
     return float(beta)
 
 
-def _as_numpy(heatmaps) -> np.ndarray:
-    if isinstance(heatmaps, torch.Tensor):
-        return heatmaps.detach().cpu().double().numpy()
-    return np.asarray(heatmaps, dtype=np.float64)
-
-
-def soft_argmax(heatmaps: torch.Tensor, *, beta: float = 1.0, mode: str = "softmax") -> torch.Tensor:
-    """Differentiable expectation of (x, y) over each map, in heatmap pixels.
+def soft_argmax(heatmaps: torch.Tensor, *, beta: float = 1.0) -> torch.Tensor:
+    """Differentiable expectation of (x, y) under ``softmax(beta * map)`` over each whole map.
 
     Args:
         heatmaps: (B, K, h, w) tensor.
-        beta: inverse temperature of ``mode="softmax"``.
-        mode: ``"softmax"`` (``softmax(beta * map)``) or ``"relu"`` (``relu(map) / sum``; a map with
-            no positive value gives the map centre).
+        beta: inverse temperature of the softmax.
 
     Returns:
         (B, K, 2) tensor of (x, y) in heatmap pixels.
     """
-    if mode not in ("softmax", "relu"):
-        raise ValueError(f"mode must be 'softmax' or 'relu' but got {mode!r}.")
     if heatmaps.ndim != 4:
         raise ValueError(f"heatmaps must be (B, K, h, w) but got shape {tuple(heatmaps.shape)}.")
-    b, k, h, w = heatmaps.shape
-    flat = heatmaps.reshape(b, k, h * w)
-    if mode == "softmax":
-        prob = torch.softmax(_check_beta(beta) * flat, dim=-1)
-    else:
-        pos = torch.relu(flat)
-        total = pos.sum(dim=-1, keepdim=True)
-        uniform = torch.full_like(pos, 1.0 / (h * w))
-        prob = torch.where(total > 0, pos / total.clamp_min(torch.finfo(pos.dtype).tiny), uniform)
-    prob = prob.reshape(b, k, h, w)
-    xs = torch.arange(w, dtype=prob.dtype, device=prob.device)
-    ys = torch.arange(h, dtype=prob.dtype, device=prob.device)
-    x = (prob.sum(dim=2) * xs).sum(dim=-1)
-    y = (prob.sum(dim=3) * ys).sum(dim=-1)
-    return torch.stack([x, y], dim=-1)
+    keep = torch.ones_like(heatmaps, dtype=torch.bool)
+    return _masked_softmax_mean(_check_beta(beta) * heatmaps.float(), keep)[0]
+
+
+def argmax_peaks(heatmaps: torch.Tensor, *, refine: bool = True) -> torch.Tensor:
+    """Integer peak of each map, with mmpose's quarter-pixel shift towards the higher neighbour.
+
+    Args:
+        heatmaps: (B, K, h, w) tensor.
+        refine: apply the quarter-pixel shift.
+
+    Returns:
+        (B, K, 2) tensor of (x, y) in heatmap pixels (no gradient).
+    """
+    if heatmaps.ndim != 4:
+        raise ValueError(f"heatmaps must be (B, K, h, w) but got shape {tuple(heatmaps.shape)}.")
+    maps = heatmaps.detach().float()
+    b, k, h, w = maps.shape
+    peak = maps.reshape(b, k, h * w).argmax(-1)
+    iy, ix = peak // w, peak % w
+    coords = torch.stack([ix, iy], -1).to(maps.dtype)
+    if refine:
+        flat = maps.reshape(b, k, h * w)
+
+        def value(y, x):
+            return flat.gather(-1, (y.clamp(0, h - 1) * w + x.clamp(0, w - 1))[..., None])[..., 0]
+
+        dx = value(iy, ix + 1) - value(iy, ix - 1)
+        dy = value(iy + 1, ix) - value(iy - 1, ix)
+        inner_x = ((ix > 0) & (ix < w - 1)).to(maps.dtype)
+        inner_y = ((iy > 0) & (iy < h - 1)).to(maps.dtype)
+        coords = coords + 0.25 * torch.stack([inner_x * torch.sign(dx), inner_y * torch.sign(dy)], -1)
+    return coords
 
 
 def window_soft_argmax(heatmaps: torch.Tensor, *, beta: float, radius: int) -> torch.Tensor:
@@ -188,29 +190,20 @@ class HeatmapCodec:
         input_hw: (H, W) of the model input; both must divide by ``stride``.
         stride: input pixels per heatmap pixel.
         sigma: Gaussian standard deviation in heatmap pixels.
-        decode_mode: default mode of ``decode`` (see the module docstring): ``"local"``,
-            ``"relu"`` or ``"softmax"``.
-        beta: default inverse temperature of the ``"softmax"`` mode.
+        window_sigmas: half size of every decoding window, in sigmas (:attr:`window_radius`).
 
     Example:
         >>> codec = HeatmapCodec(input_hw=(64, 96), stride=4, sigma=1.5)
-        >>> maps = codec.encode(np.array([[40.3, 21.7]]))
+        >>> maps = torch.from_numpy(codec.encode(np.array([[40.3, 21.7]])))[None]
         >>> maps.shape
-        (1, 16, 24)
-        >>> keypoints, scores = codec.decode(maps)
-        >>> np.round(keypoints, 2).tolist()
+        torch.Size([1, 1, 16, 24])
+        >>> coords, _ = codec.decode(maps, beta=20.0, decode="window")
+        >>> np.round(coords[0].numpy(), 1).tolist()
         [[40.3, 21.7]]
     """
 
-    def __init__(
-        self,
-        *,
-        input_hw: tuple[int, int],
-        stride: int,
-        sigma: float,
-        decode_mode: str = "local",
-        beta: float = 1.0,
-    ):
+    def __init__(self, *, input_hw: tuple[int, int], stride: int, sigma: float,
+                 window_sigmas: float = WINDOW_SIGMAS):
         if not (isinstance(input_hw, (tuple, list)) and len(input_hw) == 2 and all(map(_is_positive_int, input_hw))):
             raise ValueError(f"input_hw must be two positive integers (height, width) but got {input_hw!r}.")
         if not _is_positive_int(stride):
@@ -219,29 +212,50 @@ class HeatmapCodec:
             raise ValueError(
                 f"input_hw must be divisible by stride but got {tuple(input_hw)} and stride {stride}."
             )
-        if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma > 0 and math.isfinite(sigma)):
-            raise ValueError(f"sigma must be a positive number but got {sigma!r}.")
+        for name, value in (("sigma", sigma), ("window_sigmas", window_sigmas)):
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+                    and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number but got {value!r}.")
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
         self.stride = int(stride)
         self.sigma = float(sigma)
-        self.decode_mode = _check_mode(decode_mode)
-        self.beta = _check_beta(beta)
+        self.window_sigmas = float(window_sigmas)
 
     def __repr__(self) -> str:
-        return (
-            f"HeatmapCodec(input_hw={self.input_hw}, stride={self.stride}, sigma={self.sigma}, "
-            f"decode_mode={self.decode_mode!r}, beta={self.beta})"
-        )
+        return (f"HeatmapCodec(input_hw={self.input_hw}, stride={self.stride}, sigma={self.sigma}, "
+                f"window_sigmas={self.window_sigmas})")
+
+    @property
+    def window_radius(self) -> int:
+        """Half size of every decoding window in heatmap pixels: ceil(window_sigmas * sigma),
+        at least 2."""
+        return max(2, math.ceil(self.window_sigmas * self.sigma))
+
+    def decode(self, heatmaps: torch.Tensor, *, beta: float, decode: str = "global",
+               pairing: str = "ordered") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 4, h, w) raw maps -> ((B, 4, 2) input pixels, (B, 4) spread in heatmap pixels of
+        the unordered decoding or None). See the module docstring for ``decode`` and ``pairing``.
+        """
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS} but got {pairing!r}.")
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES} but got {decode!r}.")
+        heatmaps = heatmaps.float()
+        spread = None
+        if pairing == "unordered":
+            coords, spread = pair_soft_argmax(heatmaps, beta=beta, radius=self.window_radius)
+        elif decode == "window":
+            coords = window_soft_argmax(heatmaps, beta=beta, radius=self.window_radius)
+        elif decode == "argmax":
+            coords = argmax_peaks(heatmaps)
+        else:
+            coords = soft_argmax(heatmaps, beta=beta)
+        return self.to_input_coords(coords), spread
 
     @property
     def heatmap_hw(self) -> tuple[int, int]:
         """(h, w) = input_hw // stride."""
         return self.input_hw[0] // self.stride, self.input_hw[1] // self.stride
-
-    @property
-    def window_radius(self) -> int:
-        """Half size of the ``"local"`` decoding window in heatmap pixels: ceil(4 sigma)."""
-        return max(1, math.ceil(4 * self.sigma))
 
     def to_heatmap_coords(self, points):
         """(..., 2) input pixels -> heatmap pixels (numpy array or torch tensor alike)."""
@@ -307,100 +321,3 @@ class HeatmapCodec:
                   + (v / semi_minor.clamp_min(1e-6)[:, None, None]).square()) <= 1
         mask = (inside & valid[:, None, None]).float()
         return mask, valid.float()
-
-    def decode(self, heatmaps, *, mode: str | None = None, beta: float | None = None):
-        """Sub-pixel soft-argmax decoding.
-
-        Args:
-            heatmaps: (K, h, w) or (B, K, h, w), numpy or torch.
-            mode: ``"local"``, ``"relu"`` or ``"softmax"``; default the codec's ``decode_mode``.
-            beta: inverse temperature of ``"softmax"``; default the codec's ``beta``.
-
-        Returns:
-            keypoints float64 (..., K, 2) in input pixels; scores float64 (..., K) (each map's max).
-        """
-        maps = self._maps(heatmaps)
-        mode = _check_mode(self.decode_mode if mode is None else mode)
-        flat = maps.reshape(-1, *maps.shape[-2:])
-        if mode == "local":
-            coords = self._local_expectation(flat)
-        else:
-            prob = self._distribution(flat, mode, self.beta if beta is None else _check_beta(beta))
-            coords = _expectation(prob)
-        keypoints = self.to_input_coords(coords).reshape(*maps.shape[:-2], 2)
-        return keypoints, maps.max(axis=(-2, -1))
-
-    def decode_argmax(self, heatmaps, *, refine: bool = True):
-        """Integer peak of each map, with mmpose's quarter-pixel shift towards the higher neighbour.
-
-        Args:
-            heatmaps: (K, h, w) or (B, K, h, w), numpy or torch.
-            refine: apply the quarter-pixel shift.
-
-        Returns:
-            keypoints float64 (..., K, 2) in input pixels; scores float64 (..., K).
-        """
-        maps = self._maps(heatmaps)
-        flat = maps.reshape(-1, *maps.shape[-2:])
-        n, h, w = flat.shape
-        iy, ix = np.unravel_index(flat.reshape(n, -1).argmax(axis=1), (h, w))
-        coords = np.stack([ix, iy], axis=1).astype(np.float64)
-        if refine:
-            rows = np.arange(n)
-            inner_x = (ix > 0) & (ix < w - 1)
-            inner_y = (iy > 0) & (iy < h - 1)
-            dx = flat[rows, iy, np.minimum(ix + 1, w - 1)] - flat[rows, iy, np.maximum(ix - 1, 0)]
-            dy = flat[rows, np.minimum(iy + 1, h - 1), ix] - flat[rows, np.maximum(iy - 1, 0), ix]
-            coords[:, 0] += np.where(inner_x, 0.25 * np.sign(dx), 0.0)
-            coords[:, 1] += np.where(inner_y, 0.25 * np.sign(dy), 0.0)
-        keypoints = self.to_input_coords(coords).reshape(*maps.shape[:-2], 2)
-        return keypoints, maps.max(axis=(-2, -1))
-
-    def _maps(self, heatmaps) -> np.ndarray:
-        maps = _as_numpy(heatmaps)
-        if maps.ndim not in (3, 4) or maps.shape[-2:] != self.heatmap_hw:
-            raise ValueError(
-                f"heatmaps must be (K, h, w) or (B, K, h, w) with (h, w) = {self.heatmap_hw} "
-                f"but got shape {maps.shape}."
-            )
-        return maps
-
-    @staticmethod
-    def _distribution(flat: np.ndarray, mode: str, beta: float) -> np.ndarray:
-        n, h, w = flat.shape
-        if mode == "softmax":
-            z = beta * flat.reshape(n, -1)
-            z = np.exp(z - z.max(axis=1, keepdims=True))
-            return (z / z.sum(axis=1, keepdims=True)).reshape(n, h, w)
-        return _normalise_positive(flat)
-
-    def _local_expectation(self, flat: np.ndarray) -> np.ndarray:
-        n, h, w = flat.shape
-        r = self.window_radius
-        iy, ix = np.unravel_index(flat.reshape(n, -1).argmax(axis=1), (h, w))
-        padded = np.pad(np.maximum(flat, 0.0), ((0, 0), (r, r), (r, r)))
-        offsets = np.arange(-r, r + 1)
-        rows = iy[:, None, None] + offsets[None, :, None] + r
-        cols = ix[:, None, None] + offsets[None, None, :] + r
-        window = padded[np.arange(n)[:, None, None], rows, cols]
-        total = window.sum(axis=(1, 2))
-        safe = np.where(total > 0, total, 1.0)
-        dx = (window.sum(axis=1) * offsets).sum(axis=1) / safe
-        dy = (window.sum(axis=2) * offsets).sum(axis=1) / safe
-        return np.stack([ix + dx, iy + dy], axis=1).astype(np.float64)
-
-
-def _normalise_positive(flat: np.ndarray) -> np.ndarray:
-    """(n, h, w) -> relu(map) / sum, uniform where a map has no positive value."""
-    pos = np.maximum(flat, 0.0)
-    total = pos.sum(axis=(1, 2), keepdims=True)
-    uniform = np.full_like(pos, 1.0 / (flat.shape[1] * flat.shape[2]))
-    return np.where(total > 0, pos / np.where(total > 0, total, 1.0), uniform)
-
-
-def _expectation(prob: np.ndarray) -> np.ndarray:
-    """(n, h, w) distributions -> (n, 2) expected (x, y) in heatmap pixels."""
-    n, h, w = prob.shape
-    x = (prob.sum(axis=1) * np.arange(w)).sum(axis=1)
-    y = (prob.sum(axis=2) * np.arange(h)).sum(axis=1)
-    return np.stack([x, y], axis=1)

@@ -12,6 +12,10 @@ A space file maps dotted trial-config keys to distributions::
       model.name:
         unet: {model.width: {low: 8, high: 24, step: 8}, model.depth: {low: 3, high: 4}}
 
+    postprocess:                    # post-processing variants each trial tries on validation
+      mask_fallback.threshold: [0.03, 0.08, off]      # after its last epoch, no retraining
+      flip_tta: [on]                                  # (trainables.sweep); off: step removed
+
 ``low``/``high`` ints with no ``log`` give an int distribution (``step`` optional). Sampled keys
 that contain ``@`` are the sampler's own (a conditional parameter's name, the zero switch); the
 trial receives only plain dotted keys.
@@ -64,10 +68,12 @@ class SearchSpace:
     params: tuple[Distribution, ...]
     conditional: dict[str, dict[Any, tuple[Distribution, ...]]]
     source: str = "space"
+    postprocess: dict[str, list] = dataclasses.field(default_factory=dict)
 
     def __call__(self, trial) -> dict[str, Any]:
-        """Optuna define-by-run function: sample and return the trial's dotted config keys."""
-        values: dict[str, Any] = {}
+        """Optuna define-by-run function: sample and return the trial's dotted config keys (and
+        the post-processing variants, ``inference.sweep``, when the space lists them)."""
+        values: dict[str, Any] = {"inference.sweep": dict(self.postprocess)} if self.postprocess else {}
         for dist in self.params:
             values[dist.key] = dist.sample(trial, sampler_name(dist.key))
             for dep in self.conditional.get(dist.key, {}).get(values[dist.key], ()):
@@ -159,8 +165,8 @@ def load_space(path: str | Path) -> SearchSpace:
 def space_from_dict(raw: Any, *, source: str = "space") -> SearchSpace:
     if not isinstance(raw, dict) or "params" not in raw:
         raise BiometryInputError(f"{source}: expected a mapping with 'params' (and optionally "
-                                 f"'conditional')")
-    unknown = sorted(set(raw) - {"params", "conditional"})
+                                 f"'conditional' and 'postprocess')")
+    unknown = sorted(set(raw) - {"params", "conditional", "postprocess"})
     if unknown:
         raise BiometryInputError(f"{source}: unknown key '{unknown[0]}'")
     params = _distributions(raw["params"], source, "params")
@@ -178,7 +184,24 @@ def space_from_dict(raw: Any, *, source: str = "space") -> SearchSpace:
                                          f"choices {list(by_key[parent].choices)}")
         conditional[parent] = {choice: _distributions(dists or {}, source, f"{where}.{choice}")
                                for choice, dists in branches.items()}
-    return SearchSpace(params=params, conditional=conditional, source=source)
+    return SearchSpace(params=params, conditional=conditional, source=source,
+                       postprocess=_postprocess_variants(raw.get("postprocess"), source))
+
+
+def _postprocess_variants(raw: Any, source: str) -> dict[str, list]:
+    """The space's ``postprocess`` section, checked as ``inference.sweep`` is."""
+    from trainables.config import InferenceConfig
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BiometryInputError(f"{source}: 'postprocess' must map STEP or STEP.KEY to a list "
+                                 f"of values")
+    try:
+        InferenceConfig(sweep=dict(raw)).validate()
+    except BiometryInputError as err:
+        raise BiometryInputError(f"{source}: postprocess: {err}") from None
+    return dict(raw)
 
 
 def _distributions(raw: Any, source: str, where: str) -> tuple[Distribution, ...]:

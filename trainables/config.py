@@ -8,6 +8,11 @@ type or an out-of-range value raises :class:`BiometryInputError` naming the file
     augment: {...}   # biometry.transforms.AugmentConfig
     loss:    {...}   # biometry.losses.LossConfig
     train:   {epochs: 30, batch_size: 16, lr: 2e-3, ...}
+    inference: {decode: global, pairing: ordered, postprocess: [], sweep: {}, ...}
+
+``inference`` is how the saved model decodes and post-processes; it becomes the model's
+``ModelSpec`` (``model.yaml``). Rules that span sections are checked too: a mask step needs
+``loss.mask_weight > 0``.
 """
 from __future__ import annotations
 
@@ -20,8 +25,10 @@ from typing import Any
 
 import yaml
 
+from biometry.codec import DECODES, PAIRINGS, WINDOW_SIGMAS
 from biometry.errors import BiometryInputError
 from biometry.losses import LossConfig
+from biometry.postprocess import check_needs, create_steps, list_steps
 from biometry.transforms import AugmentConfig
 
 
@@ -82,28 +89,15 @@ class TrainConfig:
     ema_decay: float = 0.0  # per-step decay of the weight average that is validated; 0 = none
     sigma: float = 2.0  # heatmap Gaussian sigma in heatmap pixels
     softargmax_beta: float = 20.0
-    flip_tta: bool = False
-    pairing: str = "ordered"  # ordered | unordered (biometry.codec.pair_soft_argmax)
-    decode: str = "global"  # how validation and the saved model decode: global | window
-    # a head whose first-look OFD is outside the training heads' [q, 1 - q] quantiles is measured
-    # again rendered at the median training scale (biometry.inference.LandmarkPredictor.predict)
-    second_look_quantile: float = 0.0
     # draw training images so that head sizes (HC in mm) are more even: count(bin) ** -power,
     # 0 = the split's own mix, 1 = every HC bin equally (trainables.data.head_size_weights)
     balance_head_size: float = 0.0
-    # with loss.mask_weight: measure an image by its mask's fitted ellipse when the landmarks' HC
-    # differs from it by more than this fraction (biometry.inference.ModelSpec.mask_fallback)
-    mask_fallback: float | None = None
-    # with loss.mask_weight: measure an image by its mask's fitted ellipse when that ellipse's HC
-    # is under this many mm (biometry.inference.ModelSpec.mask_small_head_mm)
-    mask_small_head_mm: float | None = None
     num_workers: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # only on CUDA
     channels_last: bool = True  # only on CUDA
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
-    coverage_target: float = 0.9  # uncertainty threshold keeps this share of validation images
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
@@ -118,23 +112,62 @@ class TrainConfig:
         _check(self.sigma > 0, "train.sigma", "must be positive", self.sigma)
         _check(self.softargmax_beta > 0, "train.softargmax_beta", "must be positive",
                self.softargmax_beta)
-        _check(self.pairing in ("ordered", "unordered"), "train.pairing",
-               "must be ordered or unordered", self.pairing)
-        _check(self.decode in ("global", "window"), "train.decode", "must be global or window",
-               self.decode)
-        _check(0 <= self.second_look_quantile < 0.5, "train.second_look_quantile",
-               "must be in [0, 0.5)", self.second_look_quantile)
         _check(0 <= self.balance_head_size <= 1, "train.balance_head_size", "must be in [0, 1]",
                self.balance_head_size)
-        _check(self.mask_fallback is None or self.mask_fallback >= 0, "train.mask_fallback",
-               "must be null or >= 0", self.mask_fallback)
-        _check(self.mask_small_head_mm is None or self.mask_small_head_mm > 0,
-               "train.mask_small_head_mm", "must be null or positive", self.mask_small_head_mm)
         _check(self.num_workers >= 0, "train.num_workers", "cannot be negative", self.num_workers)
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda",
                self.device)
-        _check(0 < self.coverage_target <= 1, "train.coverage_target", "must be in (0, 1]",
+
+
+# train keys of the first config format and where they live now
+MOVED_TRAIN_KEYS = {
+    "flip_tta": "inference.postprocess: [{step: flip_tta}]",
+    "second_look_quantile": "inference.postprocess: [{step: second_look, quantile: Q}]",
+    "mask_fallback": "inference.postprocess: [{step: mask_fallback, threshold: T}]",
+    "mask_small_head_mm": "inference.postprocess: [{step: small_heads_by_mask, below_mm: MM}]",
+    "decode": "inference.decode", "pairing": "inference.pairing",
+    "coverage_target": "inference.coverage_target",
+}
+
+
+@dataclass
+class InferenceConfig:
+    """How the saved model decodes and post-processes (its ``ModelSpec``), and the post-processing
+    variants tried on validation after the last epoch (``sweep``; trainables.postprocess_sweep)."""
+
+    decode: str = "global"  # biometry.codec.DECODES; training's coordinate loss always uses global
+    pairing: str = "ordered"  # ordered | unordered (biometry.codec.pair_soft_argmax), also trained
+    window_sigmas: float = WINDOW_SIGMAS  # decoding window half size in sigmas
+    coverage_target: float = 0.9  # uncertainty threshold keeps this share of validation images
+    # steps as in model.yaml; a second_look step gets its head range from the training heads
+    postprocess: list[dict[str, Any]] = field(default_factory=list)
+    # {"STEP.KEY": [values], "STEP": [off|on]}: each value tried alone against postprocess
+    sweep: dict[str, list] = field(default_factory=dict)
+    sweep_resamples: int = 2000  # paired bootstrap resamples of the noise rule
+
+    def validate(self) -> None:
+        _check(self.decode in DECODES, "inference.decode", f"must be one of {', '.join(DECODES)}",
+               self.decode)
+        _check(self.pairing in PAIRINGS, "inference.pairing",
+               f"must be one of {', '.join(PAIRINGS)}", self.pairing)
+        _check(self.window_sigmas > 0, "inference.window_sigmas", "must be positive",
+               self.window_sigmas)
+        _check(0 < self.coverage_target <= 1, "inference.coverage_target", "must be in (0, 1]",
                self.coverage_target)
+        _check(self.sweep_resamples >= 100, "inference.sweep_resamples", "must be >= 100",
+               self.sweep_resamples)
+        create_steps(self.postprocess, where="'inference.postprocess'")
+        for key, values in self.sweep.items():
+            step = str(key).partition(".")[0]
+            _check(step in list_steps(), f"inference.sweep.{key}",
+                   f"must name a step ({', '.join(list_steps())})", key)
+            _check(isinstance(values, list) and len(values) > 0, f"inference.sweep.{key}",
+                   "must be a non-empty list of values", values)
+
+    def steps_for_sweep(self) -> list[str]:
+        """Steps a sweep value can switch on."""
+        return [str(k) for k, values in self.sweep.items() if "." not in str(k)
+                and any(v is True or v == "on" for v in values)]
 
 
 @dataclass
@@ -144,6 +177,22 @@ class TrialConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    def validate_across_sections(self) -> None:
+        """A mask step, listed or switched on by the sweep, needs the mask channel."""
+        from biometry.postprocess import create_step
+
+        listed = create_steps(self.inference.postprocess, where="'inference.postprocess'")
+        swept = [create_step({"step": name}) for name in self.inference.steps_for_sweep()]
+        names = {step.name for step in listed}
+        for key in self.inference.sweep:
+            step, _, option = str(key).partition(".")
+            _check(not option or step in names, f"inference.sweep.{key}",
+                   f"changes an option of '{step}', which inference.postprocess does not list",
+                   key)
+        check_needs(listed + swept, has_mask=self.loss.mask_weight > 0,
+                    where="'inference.postprocess' / 'inference.sweep'")
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -181,11 +230,12 @@ def config_from_dict(raw: dict[str, Any] | None, *, source: str = "config") -> T
     sections = {name: _section_from_dict(name, factory, raw.get(name), source)
                 for name, factory in SECTIONS.items()}
     cfg = TrialConfig(**sections)
-    for name in ("data", "model", "train"):
-        try:
+    try:
+        for name in ("data", "model", "train", "inference"):
             getattr(cfg, name).validate()
-        except BiometryInputError as err:
-            raise BiometryInputError(f"{source}: {err}") from None
+        cfg.validate_across_sections()
+    except BiometryInputError as err:
+        raise BiometryInputError(f"{source}: {err}") from None
     return cfg
 
 
@@ -204,6 +254,35 @@ def load_config(path: str | Path, *, overrides: dict[str, Any] | None = None) ->
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     return config_from_dict(raw, source=str(path))
+
+
+def with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict, list[str]]:
+    """A copy of the trial config ``base`` with dotted ``overrides`` (a sampled configuration),
+    and the mask steps it leaves out: where the sample turns the mask channel off
+    (``loss.mask_weight`` 0), the steps and sweep values that need it are removed from its
+    ``inference`` section and named, since the sample, not the user, made them impossible."""
+    import copy
+
+    from biometry.postprocess import create_step
+
+    raw = copy.deepcopy(base)
+    for dotted, value in overrides.items():
+        if "@" not in dotted:  # names with "@" are the sampler's own (see search/space.py)
+            set_dotted(raw, dotted, value)
+    if (raw.get("loss") or {}).get("mask_weight", LossConfig().mask_weight):
+        return raw, []
+    inference = raw.get("inference") or {}
+
+    def needs_mask(name: str) -> bool:
+        return name in list_steps() and "mask" in create_step({"step": name}).needs
+
+    kept = [s for s in inference.get("postprocess") or [] if not needs_mask(s.get("step"))]
+    dropped = [s["step"] for s in inference.get("postprocess") or [] if s not in kept]
+    sweep = {k: v for k, v in (inference.get("sweep") or {}).items()
+             if not needs_mask(str(k).partition(".")[0])}
+    if inference:
+        raw["inference"] = {**inference, "postprocess": kept, "sweep": sweep}
+    return raw, dropped
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -225,6 +304,9 @@ def _section_from_dict(name: str, factory, values: Any, source: str):
     hints = typing.get_type_hints(type(default))
     kwargs = {}
     for key, value in values.items():
+        if name == "train" and key in MOVED_TRAIN_KEYS:
+            raise BiometryInputError(f"{source}: 'train.{key}' moved to "
+                                     f"{MOVED_TRAIN_KEYS[key]}")
         if key not in fields:
             raise BiometryInputError(f"{source}: unknown key '{name}.{key}'; known keys: "
                                      f"{', '.join(fields)}")

@@ -9,6 +9,7 @@ Ray Tune; run alone, each epoch is printed and the latest checkpoint, the best m
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -25,16 +26,11 @@ from biometry import atomic
 from biometry.constants import BEST_OBJECTIVE, OBJECTIVE
 from biometry.errors import BiometryInputError, run_cli
 from biometry.geometry import diameter_lengths
-from biometry.inference import (
-    LandmarkPredictor,
-    ModelSpec,
-    decode_coords,
-    head_scale_range,
-    save_model_folder,
-)
+from biometry.inference import LandmarkPredictor, ModelSpec, save_model_folder, write_model_spec
 from biometry.losses import biometry_loss
 from biometry.metrics import summarize
 from biometry.models import create_model, split_mask
+from biometry.postprocess import create_steps, steps_to_config
 from biometry.transforms import Letterbox
 from trainables.config import TrialConfig, load_config
 from trainables.data import (
@@ -136,6 +132,31 @@ def validate_into_spec(predictor: LandmarkPredictor, images: PreparedImages) -> 
     return metrics
 
 
+def model_spec(cfg: TrialConfig, data: PreparedSplits) -> ModelSpec:
+    """The trial's ``ModelSpec``: the network, the codec, and the ``inference`` section, its
+    steps fitted on the training heads (a second look's head range)."""
+    inference = cfg.inference
+    steps = [step.fit(train_ofd_px=training_ofd_px(data))
+             for step in create_steps(inference.postprocess)]
+    return ModelSpec(architecture=cfg.model.name, model_kwargs=cfg.model_kwargs(),
+                     input_hw=cfg.input_hw, stride=cfg.model.output_stride, sigma=cfg.train.sigma,
+                     softargmax_beta=cfg.train.softargmax_beta,
+                     orientation=data.orientation.to_dict(), pairing=inference.pairing,
+                     decode=inference.decode, window_sigmas=inference.window_sigmas,
+                     postprocess=steps_to_config(steps),
+                     coverage_target=inference.coverage_target,
+                     data={"source": data.source, "split_seed": cfg.data.split_seed,
+                           "val_fraction": cfg.data.val_fraction,
+                           "test_fraction": cfg.data.test_fraction, "limit": cfg.data.limit,
+                           "exclude_outliers": cfg.data.exclude_outliers},
+                     trial_config=cfg.to_dict())
+
+
+def training_ofd_px(data: PreparedSplits) -> np.ndarray:
+    """(N,) the training heads' OFD lengths in input pixels."""
+    return diameter_lengths(data.train.landmarks)[1]
+
+
 def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: str | Path,
               reporter: Reporter | None = None, resume_from: str | Path | None = None,
               log: Callable[[str], None] = print, hooks: TrialHooks | None = None) -> dict:
@@ -153,22 +174,7 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
     if tuple(data.input_hw) != cfg.input_hw:
         raise BiometryInputError(f"data prepared at {data.input_hw} but the config asks for "
                                  f"{cfg.input_hw} (data.input_h/input_w)")
-    spec = ModelSpec(architecture=cfg.model.name, model_kwargs=cfg.model_kwargs(),
-                     input_hw=cfg.input_hw, stride=cfg.model.output_stride, sigma=cfg.train.sigma,
-                     softargmax_beta=cfg.train.softargmax_beta,
-                     orientation=data.orientation.to_dict(), flip_tta=cfg.train.flip_tta,
-                     pairing=cfg.train.pairing, decode=cfg.train.decode,
-                     head_scale=head_scale_range(diameter_lengths(data.train.landmarks)[1],
-                                                 cfg.train.second_look_quantile),
-                     mask_fallback=cfg.train.mask_fallback if cfg.loss.mask_weight > 0 else None,
-                     mask_small_head_mm=(cfg.train.mask_small_head_mm if cfg.loss.mask_weight > 0
-                                         else None),
-                     coverage_target=cfg.train.coverage_target,
-                     data={"source": data.source, "split_seed": cfg.data.split_seed,
-                           "val_fraction": cfg.data.val_fraction,
-                           "test_fraction": cfg.data.test_fraction, "limit": cfg.data.limit,
-                           "exclude_outliers": cfg.data.exclude_outliers},
-                     trial_config=cfg.to_dict())
+    spec = model_spec(cfg, data)
     codec = spec.codec()
     train_set = HeatmapDataset(data.train, codec=codec, orientation=data.orientation,
                                augment=cfg.augment)
@@ -202,6 +208,7 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
     predictor = LandmarkPredictor(deployed, spec, device=device)
 
     best_metrics: dict = {}
+    best_weights = None  # the best epoch's deployed weights, for the post-processing sweep
     for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
         hooks.on_epoch_start(epoch)
         started = time.perf_counter()
@@ -218,8 +225,8 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 pred = model(images)
             pred, mask_logits = split_mask(pred.float())
-            coords = decode_coords(pred, codec, beta=cfg.train.softargmax_beta,
-                                   pairing=cfg.train.pairing)
+            coords, _ = codec.decode(pred, beta=cfg.train.softargmax_beta,
+                                     pairing=cfg.inference.pairing)
             mask = None
             if mask_logits is not None:
                 mask = (mask_logits, *codec.encode_head_region(keypoints))
@@ -249,7 +256,10 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
         if math.isfinite(value) and value < state.best_value:
             state.best_value, state.best_epoch = value, epoch
             best_metrics = dict(metrics)
+            best_weights = {k: v.detach().clone() for k, v in deployed.state_dict().items()}
         state.epoch = epoch
+        if epoch == cfg.train.epochs and cfg.inference.sweep:
+            metrics.update(tune_postprocess(cfg, data, spec, best_weights, device=device, log=log))
         metrics.update({
             "epoch": epoch,
             "lr": optimizer.param_groups[0]["lr"],
@@ -272,8 +282,38 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
                 keep_checkpoint(Path(tmp), out_dir, is_best=state.best_epoch == epoch)
         hooks.after_report(epoch)
     if reporter is None:
+        if cfg.inference.sweep and (out_dir / "best").is_dir():
+            set_postprocess(out_dir / "best", spec.postprocess)
         write_metrics(out_dir, best_metrics, state)
     return best_metrics
+
+
+def tune_postprocess(cfg: TrialConfig, data: PreparedSplits, spec: ModelSpec, weights, *,
+                     device, log: Callable[[str], None]) -> dict:
+    """Sweep ``cfg.inference.sweep`` on validation with the best epoch's ``weights`` (the current
+    ones when no epoch was finite); the kept steps go into ``spec`` and the returned metrics."""
+    from trainables.sweep import sweep_postprocess
+
+    model = create_model(cfg.model.name, **cfg.model_kwargs()).to(device)
+    if weights is not None:
+        model.load_state_dict(weights)
+    result = sweep_postprocess(model.eval(), spec, data.val, sweep=cfg.inference.sweep,
+                               train_ofd_px=training_ofd_px(data),
+                               resamples=cfg.inference.sweep_resamples, seed=cfg.train.seed,
+                               device=device)
+    spec.postprocess = steps_to_config(result.steps)
+    log(f"post-processing sweep: kept {result.chosen} (gain {result.gain_mm:.3f} mm; "
+        + ", ".join(f"{k} {v:.3f}" for k, v in result.objectives.items()) + ")")
+    return {**result.as_metrics(), "postprocess_steps": json.dumps(spec.postprocess)}
+
+
+def set_postprocess(folder: Path, steps: list[dict]) -> None:
+    """Rewrite a model folder's post-processing steps (the weights stay)."""
+    from biometry.inference import load_model_spec
+
+    spec = load_model_spec(folder)
+    spec.postprocess = list(steps)
+    write_model_spec(folder, spec)
 
 
 def make_ema(model: torch.nn.Module, decay: float):

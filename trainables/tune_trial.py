@@ -6,7 +6,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from trainables.config import config_from_dict
+from trainables.config import config_from_dict, with_overrides
 from trainables.data import PreparedSplits
 from trainables.faults import faults_from_env
 from trainables.train import run_trial
@@ -15,14 +15,10 @@ from trainables.train import run_trial
 def tune_trainable(config: dict, *, data: PreparedSplits, base_config: dict) -> None:
     """Ray Tune entry point: ``config`` holds the sampled dotted keys (``"loss.angle_weight"``),
     ``base_config`` the preset's trial config. Resumes from ``tune.get_checkpoint()``."""
-    from trainables.config import set_dotted
-    import copy
-
-    raw = copy.deepcopy(base_config)
-    for dotted, value in config.items():
-        if "@" not in dotted:  # names with "@" are the sampler's own (see search/space.py)
-            set_dotted(raw, dotted, value)
+    raw, dropped = with_overrides(base_config, config)
     cfg = config_from_dict(raw, source="search space")
+    if dropped:
+        _quiet(f"loss.mask_weight 0: this trial runs without the mask steps {', '.join(dropped)}")
 
     node_id = ray.get_runtime_context().get_node_id()  # where the trial ran (multi-node checks)
 

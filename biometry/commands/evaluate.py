@@ -29,49 +29,61 @@ from biometry.errors import BiometryInputError
 
 ATLAS_SIZE = 10
 SPLITS = ("all", "train", "val", "test")  # as biometry.evaluation.SPLITS
-MASK_FALLBACK_OFF = "off"  # as biometry.inference.MASK_FALLBACK_OFF
+NO_POSTPROCESS = "none"
 
 
-def mask_fallback_option(args) -> float | str | None:
-    """``--mask-fallback``, checked: a finite number >= 0, ``"off"`` (no fallback, whatever the
-    model's setting), or None for the model's setting."""
-    return _number_or_off(getattr(args, "mask_fallback", None), "--mask-fallback",
-                          allow_zero=True, what="a number >= 0")
+def load_predictor(args):
+    """The model folder ``--model`` with its post-processing as ``--postprocess`` and ``--set``
+    say (``LandmarkPredictor``)."""
+    from biometry.inference import LandmarkPredictor, load_model_folder
+
+    model, spec = load_model_folder(args.model, device=resolve_device(args.device))
+    steps = postprocess_steps(spec, getattr(args, "postprocess", None),
+                              getattr(args, "set", None) or [])
+    return LandmarkPredictor(model, spec, device=resolve_device(args.device), postprocess=steps)
 
 
-def mask_small_heads_option(args) -> float | str | None:
-    """``--mask-small-heads``, checked: a finite number > 0 (mm of HC), ``"off"``, or None for
-    the model's setting."""
-    return _number_or_off(getattr(args, "mask_small_heads", None), "--mask-small-heads",
-                          allow_zero=False, what="a number > 0 (mm of HC)")
+def postprocess_steps(spec, source: str | None, settings: list[str]):
+    """The model's steps, replaced by ``source`` (a YAML list of steps, or ``none``) and then
+    changed by ``settings`` (``STEP.KEY=VALUE``, ``STEP=off``, ``STEP=on``)."""
+    from biometry.postprocess import check_needs, create_steps, with_settings
+
+    if source is None:
+        steps = spec.steps()
+    elif source == NO_POSTPROCESS:
+        steps = []
+    else:
+        steps = create_steps(_read_steps_file(Path(source)), where=f"--postprocess {source}")
+    steps = with_settings(steps, settings)
+    check_needs(steps, has_mask=spec.has_mask(), where="--postprocess/--set")
+    for step in steps:
+        if getattr(step, "fitted", True) is False:
+            raise BiometryInputError(f"--postprocess/--set: step '{step.name}' has no head range; "
+                                     f"set its low, high and target (OFD in input pixels)")
+    return steps
 
 
-def _number_or_off(value, flag: str, *, allow_zero: bool, what: str) -> float | str | None:
-    if value is None or value == MASK_FALLBACK_OFF:
-        return value
+def _read_steps_file(path: Path):
+    import yaml
+
+    if not path.is_file():
+        raise BiometryInputError(f"--postprocess {path}: not found (a YAML list of steps, or "
+                                 f"'{NO_POSTPROCESS}')")
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and (number > 0 or (allow_zero and number == 0))):
-        raise BiometryInputError(f"{flag} must be {what} or '{MASK_FALLBACK_OFF}' but got {value}")
-    return number
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise BiometryInputError(f"{path}: invalid YAML ({err})") from None
+    return raw.get("postprocess") if isinstance(raw, dict) else raw
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``evaluate`` and ``predict``: how the model is run."""
-    parser.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="average with the horizontally flipped input (default: the model's "
-                             "setting)")
-    parser.add_argument("--mask-fallback", default=None, metavar="T",
-                        help="a model with a mask channel: measure an image by the ellipse fitted "
-                             "to its mask when the landmarks' HC differs from it by more than the "
-                             f"fraction T; '{MASK_FALLBACK_OFF}': never (default: the model's "
-                             "setting)")
-    parser.add_argument("--mask-small-heads", default=None, metavar="MM",
-                        help="a model with a mask channel: measure an image by the ellipse fitted "
-                             "to its mask when that ellipse's HC is under MM mm; "
-                             f"'{MASK_FALLBACK_OFF}': never (default: the model's setting)")
+    parser.add_argument("--postprocess", default=None, metavar="FILE|none",
+                        help="post-processing steps that replace the model's: a YAML list "
+                             "(or a model.yaml), or 'none' for none (default: the model's)")
+    parser.add_argument("--set", action="append", default=[], metavar="STEP.KEY=VALUE",
+                        help="change one step option (e.g. mask_fallback.threshold=0.08), "
+                             "or STEP=off / STEP=on; repeatable")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N",
                         help="images per forward pass (default 16)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
@@ -108,13 +120,10 @@ def run(args: argparse.Namespace) -> int:
         select_split,
         summary_text,
     )
-    from biometry.inference import LandmarkPredictor
     from biometry.io import import_dataset
+    from biometry.postprocess import steps_to_config
 
-    predictor = LandmarkPredictor.from_folder(args.model, device=resolve_device(args.device),
-                                              flip_tta=args.flip_tta,
-                                              mask_fallback=mask_fallback_option(args),
-                                              mask_small_head_mm=mask_small_heads_option(args))
+    predictor = load_predictor(args)
     imported = import_dataset(args.data, skip_bad=args.skip_bad)
     records = select_split(imported.records, predictor.spec, args.split, data=args.data,
                            skipped=len(imported.skipped))
@@ -126,9 +135,7 @@ def run(args: argparse.Namespace) -> int:
                                  coverage_target=spec.coverage_target, meta={
                                      "model": str(Path(args.model).resolve()),
                                      "data": str(args.data), "split": args.split,
-                                     "flip_tta": bool(predictor.flip_tta),
-                                     "mask_fallback": predictor.mask_fallback,
-                                     "mask_small_head_mm": predictor.mask_small_head_mm,
+                                     "postprocess": steps_to_config(predictor.steps),
                                      "skipped": len(imported.skipped)})
 
     out = Path(args.out)

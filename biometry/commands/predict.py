@@ -17,8 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from biometry.commands.evaluate import (
-    add_inference_arguments, check_model_folder, mask_fallback_option, mask_small_heads_option,
-    resolve_device,
+    add_inference_arguments, check_model_folder, load_predictor,
 )
 from biometry.errors import BiometryInputError
 
@@ -46,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
 
     from biometry import plots
     from biometry.evaluation import predict_paths
-    from biometry.inference import LandmarkPredictor
     from biometry.io import read_grayscale
 
     if args.batch_size < 1:
@@ -54,10 +52,7 @@ def run(args: argparse.Namespace) -> int:
     names = find_images(args.images)
     spacing = read_pixel_mm(args.pixel_mm, names)
     check_model_folder(args.model)
-    predictor = LandmarkPredictor.from_folder(args.model, device=resolve_device(args.device),
-                                              flip_tta=args.flip_tta,
-                                              mask_fallback=mask_fallback_option(args),
-                                              mask_small_head_mm=mask_small_heads_option(args))
+    predictor = load_predictor(args)
     paths = [args.images / name for name in names]
     check_images(paths)
 

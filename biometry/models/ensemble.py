@@ -3,13 +3,13 @@
 The seeds of one recipe fail on different images (docs/experiments.md, "the same recipe, three
 seeds"); combining them keeps what they agree on. Two ways (:data:`ENSEMBLE_COMBINES`):
 ``"maps"`` averages the members' raw output maps before decoding (the module's ``forward``);
-``"median"`` decodes each member on its own (second looks and mask fallback included) and takes
+``"median"`` decodes each member on its own (its post-processing steps included) and takes
 the median of their landmarks, coordinate by coordinate (:class:`biometry.inference.
-LandmarkPredictor` does it), so one member's miss is outvoted instead of averaged in
+LandmarkPredictor` does it, reading ``combine`` from the model's spec), so one member's miss is outvoted instead of averaged in
 (docs/experiments.md, "median of the seeds").
 An ensemble is saved like any model (``model.pt`` holds one state dict, keys ``members.K.*``;
-``model.yaml`` names :data:`ENSEMBLE` as its architecture and lists the members' architectures
-and options and the combine), so every command loads it the same way.
+``model.yaml`` names :data:`ENSEMBLE` as its architecture, lists the members' architectures
+and options, and says ``combine``), so every command loads it the same way.
 
 Example:
     >>> import torch
@@ -31,21 +31,15 @@ ENSEMBLE_COMBINES = ("maps", "median")
 
 
 class MeanOfModels(nn.Module):
-    """The members' raw output maps (heatmaps and mask logits alike), averaged.
+    """The members' raw output maps (heatmaps and mask logits alike), averaged. How a predictor
+    combines the members (:data:`ENSEMBLE_COMBINES`) is the predictor's strategy, read from the
+    model's spec; this module is only the ``"maps"`` way and the holder of the members."""
 
-    ``combine`` says how a predictor combines the members (:data:`ENSEMBLE_COMBINES`);
-    ``forward`` is the ``"maps"`` way whatever it says.
-    """
-
-    def __init__(self, members: list[nn.Module], *, combine: str = "maps"):
+    def __init__(self, members: list[nn.Module]):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member.")
-        if combine not in ENSEMBLE_COMBINES:
-            raise ValueError(f"ensemble 'combine' must be one of {ENSEMBLE_COMBINES} but got "
-                             f"{combine!r}.")
         self.members = nn.ModuleList(members)
-        self.combine = combine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = [member(x) for member in self.members]
@@ -55,9 +49,8 @@ class MeanOfModels(nn.Module):
         return torch.stack(outputs).mean(dim=0)
 
 
-def create_ensemble(members: list[dict[str, Any]], *, combine: str = "maps") -> MeanOfModels:
-    """An ensemble of ``create_model(m["architecture"], **m["model_kwargs"])`` for each member,
-    combined the ``combine`` way (:data:`ENSEMBLE_COMBINES`)."""
+def create_ensemble(members: list[dict[str, Any]]) -> MeanOfModels:
+    """An ensemble of ``create_model(m["architecture"], **m["model_kwargs"])`` for each member."""
     if not isinstance(members, list) or not members:
         raise ValueError(f"ensemble 'members' must be a non-empty list but got {members!r}.")
     models = []
@@ -67,4 +60,4 @@ def create_ensemble(members: list[dict[str, Any]], *, combine: str = "maps") -> 
         if member["architecture"] == ENSEMBLE:
             raise ValueError(f"ensemble member {k} cannot itself be an ensemble.")
         models.append(create_model(member["architecture"], **dict(member.get("model_kwargs") or {})))
-    return MeanOfModels(models, combine=combine)
+    return MeanOfModels(models)
