@@ -70,20 +70,16 @@ def images(n: int) -> list[np.ndarray]:
 def test_a_median_ensemble_predicts_the_median_of_its_members_landmarks(tmp_path):
     folders = [member_folder(tmp_path / f"seed{s}", seed=s) for s in (3, 4, 5)]
     model, spec = ensemble_of(folders, combine="median")
-    assert spec.model_kwargs["combine"] == "median" and model.combine == "median"
+    assert spec.combine == "median" and "combine" not in spec.model_kwargs
     save_model_folder(tmp_path / "final", model, spec)
     predictor = LandmarkPredictor.from_folder(tmp_path / "final")
-    assert predictor.model.combine == "median" and len(predictor.members) == 3
+    assert predictor.spec.combine == "median" and len(predictor.members) == 3
     batch = images(4)
     coords, uncertainty = predictor.predict(batch, batch_size=3)
     alone = [LandmarkPredictor.from_folder(folder).predict(batch) for folder in folders]
     matched = np.stack([match_pairs(c, alone[0][0]) for c, _ in alone])
     np.testing.assert_allclose(coords, np.median(matched, axis=0), atol=1e-4)
     np.testing.assert_allclose(uncertainty, np.median([u for _, u in alone], axis=0), rtol=1e-5)
-    x = torch.randn(2, 1, 32, 48)
-    input_coords, _ = predictor.predict_input(x)
-    expected, _ = median_of([LandmarkPredictor.from_folder(f).predict_input(x) for f in folders])
-    np.testing.assert_allclose(input_coords, expected, atol=1e-4)
     # the same members averaged as maps predict otherwise
     maps, _ = LandmarkPredictor(*ensemble_of(folders, combine="maps")).predict(batch)
     assert not np.allclose(maps, coords, atol=1e-3)
@@ -132,9 +128,6 @@ def test_the_driver_knows_the_ensemble_combines_without_importing_torch():
 
 
 def test_bad_ensemble_options_name_the_member():
-    with pytest.raises(ValueError, match=r"ensemble 'combine' must be one of \('maps', "
-                                         r"'median'\) but got 'mean'"):
-        create_ensemble([{"architecture": "unet"}], combine="mean")
     with pytest.raises(ValueError, match="'members' must be a non-empty list"):
         create_ensemble([])
     with pytest.raises(ValueError, match="ensemble member 1 must name its 'architecture'"):

@@ -167,7 +167,7 @@ def test_evaluate_on_the_val_split_gives_the_numbers_training_logged(trained_mod
 def test_flip_tta_maps_x_back_exactly(trained_model, hc18_small):
     """With no letterbox padding (an image exactly 2x the input) flip TTA is exactly
     mirror-equivariant, which holds only if x maps back with W - 1 - x."""
-    predictor = LandmarkPredictor.from_folder(trained_model, flip_tta=True)
+    predictor = LandmarkPredictor.from_folder(trained_model, postprocess=[{"step": "flip_tta"}])
     h, w = predictor.spec.input_hw
     record = load_records(hc18_small)[0]
     image = cv2.resize(read_grayscale(record.image), (2 * w, 2 * h), interpolation=cv2.INTER_AREA)
@@ -213,7 +213,7 @@ def test_predict_on_a_folder_with_one_spacing(trained_model, hc18_small, tmp_pat
         shutil.copy(record.image, images / Path(record.name).name)
     shutil.copy(images / "000_HC.png", images / "000_HC_Mask.png")  # an HC18 label file: left out
     assert command(predict, "--model", trained_model, "--images", images, "--pixel-mm", "0.15",
-                   "--out", tmp_path / "out", "--flip-tta") == 0
+                   "--out", tmp_path / "out", "--set", "flip_tta=on") == 0
     frame = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert tuple(frame.columns) == PREDICTION_COLUMNS
     assert list(frame["image"]) == sorted(p.name for p in images.iterdir()

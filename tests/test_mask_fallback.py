@@ -1,9 +1,7 @@
 """The head-region mask as a second measurement: the ellipse fitted to a mask channel, and the
-predictor's fallback to it where the landmarks disagree (``ModelSpec.mask_fallback``), and its
-measurement of small heads by it (``ModelSpec.mask_small_head_mm``)."""
+predictor's fallback to it where the landmarks disagree (step ``mask_fallback``), and its
+measurement of small heads by it (step ``small_heads_by_mask``)."""
 from __future__ import annotations
-
-import argparse
 
 import numpy as np
 import pytest
@@ -11,7 +9,9 @@ import torch
 
 from biometry.codec import HeatmapCodec
 from biometry.geometry import diameter_lengths
+from biometry.errors import BiometryInputError
 from biometry.inference import LandmarkPredictor, ModelSpec, mask_ellipse_landmarks
+from biometry.postprocess import SecondLook, create_steps, with_settings
 from biometry.transforms import Orientation
 
 INPUT_HW = (64, 96)
@@ -58,13 +58,21 @@ class FixedOutput(torch.nn.Module):
         return self.output.expand(len(x), -1, -1, -1)
 
 
-def predictor_for(landmarks, region, *, spec_fallback=None, spec_small=None, **options):
+def model_steps(fallback=None, small=None) -> list[dict]:
+    steps = [] if fallback is None else [{"step": "mask_fallback", "threshold": fallback}]
+    return steps + ([] if small is None else [{"step": "small_heads_by_mask", "below_mm": small}])
+
+
+def predictor_for(landmarks, region, *, spec_fallback=None, spec_small=None, settings=(),
+                  extra_steps=()):
+    """The fixed model with the steps its spec lists, changed by ``settings`` (as ``--set``)."""
     codec = HeatmapCodec(input_hw=INPUT_HW, stride=STRIDE, sigma=2.0)
-    spec = ModelSpec(architecture="fixed", model_kwargs={}, input_hw=INPUT_HW, stride=STRIDE,
-                     sigma=2.0, softargmax_beta=20.0, decode="window",
+    spec = ModelSpec(architecture="fixed", model_kwargs={"mask_head": True}, input_hw=INPUT_HW,
+                     stride=STRIDE, sigma=2.0, softargmax_beta=20.0, decode="window",
                      orientation=Orientation.fit(landmarks[None]).to_dict(),
-                     mask_fallback=spec_fallback, mask_small_head_mm=spec_small)
-    return LandmarkPredictor(FixedOutput(codec, landmarks, region), spec, **options)
+                     postprocess=model_steps(spec_fallback, spec_small))
+    steps = [*extra_steps, *with_settings(spec.steps(), list(settings))]
+    return LandmarkPredictor(FixedOutput(codec, landmarks, region), spec, postprocess=steps)
 
 
 def test_landmarks_that_disagree_with_the_mask_are_replaced_by_its_ellipse():
@@ -74,12 +82,12 @@ def test_landmarks_that_disagree_with_the_mask_are_replaced_by_its_ellipse():
 
     kept, _ = predictor_for(shortened, head).predict([image])  # no fallback: the landmarks
     assert diameter_lengths(kept[0])[1] == pytest.approx(40, abs=1.0)
-    replaced, _ = predictor_for(shortened, head, mask_fallback=0.05).predict([image])
+    replaced, _ = predictor_for(shortened, head, spec_fallback=0.05).predict([image])
     bpd, ofd = diameter_lengths(replaced[0])
     assert ofd == pytest.approx(60, abs=1.5) and bpd == pytest.approx(44, abs=1.5)
 
     close = ellipse_points((48, 32), ofd=59, bpd=43, degrees=10)  # within 5%: landmarks stay
-    agreed, _ = predictor_for(close, head, mask_fallback=0.05).predict([image])
+    agreed, _ = predictor_for(close, head, spec_fallback=0.05).predict([image])
     assert diameter_lengths(agreed[0])[1] == pytest.approx(59, abs=1.0)
 
 
@@ -90,25 +98,25 @@ def test_off_switches_off_the_fallback_of_a_model_that_has_one():
 
     by_default, _ = predictor_for(shortened, head, spec_fallback=0.05).predict([image])
     assert diameter_lengths(by_default[0])[1] == pytest.approx(60, abs=1.5)  # the model's 5%
-    switched_off = predictor_for(shortened, head, spec_fallback=0.05, mask_fallback="off")
-    assert switched_off.mask_fallback is None
+    switched_off = predictor_for(shortened, head, spec_fallback=0.05,
+                                 settings=["mask_fallback=off"])
+    assert switched_off.steps == []
     assert diameter_lengths(switched_off.predict([image])[0][0])[1] == pytest.approx(40, abs=1.0)
 
 
-def test_evaluate_checks_the_mask_fallback_option():
-    from biometry.commands.evaluate import mask_fallback_option
-    from biometry.errors import BiometryInputError
-
-    def option(value):
-        return mask_fallback_option(argparse.Namespace(mask_fallback=value))
-
-    for bad in (-0.1, "-0.1", "nan", "often"):
-        with pytest.raises(BiometryInputError,
-                           match=f"--mask-fallback must be a number >= 0 or 'off' but got {bad}$"):
-            option(bad)
-    assert option(None) is None
-    assert option("off") == "off"
-    assert option("0.05") == 0.05
+def test_a_changed_threshold_applies_and_a_bad_one_is_named():
+    image = np.full(INPUT_HW, 100, dtype=np.uint8)
+    head = ellipse_points((48, 32), ofd=60, bpd=44, degrees=10)
+    close = ellipse_points((48, 32), ofd=57, bpd=42, degrees=10)  # 5% short of the mask
+    kept = predictor_for(close, head, spec_fallback=0.1).predict([image])[0]
+    assert diameter_lengths(kept[0])[1] == pytest.approx(57, abs=1.0)
+    strict = predictor_for(close, head, spec_fallback=0.1,
+                           settings=["mask_fallback.threshold=0.02"]).predict([image])[0]
+    assert diameter_lengths(strict[0])[1] == pytest.approx(60, abs=1.5)
+    for bad in (-0.1, "often"):
+        with pytest.raises(BiometryInputError, match="step 'mask_fallback': 'threshold' must be "
+                                                     "a number >= 0"):
+            with_settings(create_steps(model_steps(0.05)), [f"mask_fallback.threshold={bad}"])
 
 
 def test_after_a_second_look_the_first_mask_is_trusted_only_where_the_second_agrees():
@@ -118,12 +126,12 @@ def test_after_a_second_look_the_first_mask_is_trusted_only_where_the_second_agr
     image = np.full(INPUT_HW, 100, dtype=np.uint8)
     head = ellipse_points((48, 32), ofd=60, bpd=44, degrees=10)
     shortened = ellipse_points((48, 32), ofd=40, bpd=30, degrees=10)
-    predictor = predictor_for(shortened, head, mask_fallback=0.05)
     # OFD 40 input px is below "low": a second look at 56 / 40 = 1.4x, kept (within tolerance)
-    predictor.spec.head_scale = {"low": 50.0, "target": 56.0, "high": 70.0, "tolerance": 0.5}
+    look = SecondLook(quantile=None, low=50.0, target=56.0, high=70.0, tolerance=0.5)
+    predictor = predictor_for(shortened, head, spec_fallback=0.05, extra_steps=[look])
     coords, _ = predictor.predict([image])
     assert diameter_lengths(coords[0])[1] == pytest.approx(40 / 1.4, abs=1.0)
-    predictor.spec.head_scale = {}  # one look only: its mask is trusted
+    predictor = predictor_for(shortened, head, spec_fallback=0.05)  # one look: its mask trusted
     coords, _ = predictor.predict([image])
     assert diameter_lengths(coords[0])[1] == pytest.approx(60, abs=1.5)
 
@@ -136,7 +144,7 @@ def hc_mm(points, pixel_mm):
 def test_a_head_whose_mask_measures_under_the_limit_is_measured_by_the_mask():
     """Landmarks and mask agree within 5% (no fallback), yet a small head is measured by the
     mask's ellipse; the same image at a pixel size that makes the head large keeps its landmarks,
-    and without pixel sizes (HC unknown in mm) the rule never applies."""
+    and without pixel sizes (HC unknown in mm) the prediction is an error, not the rule off."""
     image = np.full(INPUT_HW, 100, dtype=np.uint8)
     head = ellipse_points((48, 32), ofd=60, bpd=44, degrees=10)
     near = ellipse_points((48, 32), ofd=58, bpd=43, degrees=10)  # within 5% of the mask's HC
@@ -150,36 +158,23 @@ def test_a_head_whose_mask_measures_under_the_limit_is_measured_by_the_mask():
     assert hc_mm(small[0], 0.5) == pytest.approx(mask_hc, rel=0.03)
     large, _ = predictor.predict([image], pixel_mm=[1.0])
     assert diameter_lengths(large[0])[1] == pytest.approx(58, abs=1.0)
-    unknown, _ = predictor.predict([image])
-    assert diameter_lengths(unknown[0])[1] == pytest.approx(58, abs=1.0)
+    with pytest.raises(ValueError, match="'small_heads_by_mask' needs each image's pixel size"):
+        predictor.predict([image])
     # one value per image, or a clear error
     with pytest.raises(ValueError, match="pixel_mm holds 2 values for 1 images"):
         predictor.predict([image], pixel_mm=[0.5, 0.5])
 
 
-def test_off_and_a_number_override_the_models_small_head_limit():
+def test_off_and_on_change_the_models_small_head_rule():
     image = np.full(INPUT_HW, 100, dtype=np.uint8)
     head = ellipse_points((48, 32), ofd=60, bpd=44, degrees=10)
     near = ellipse_points((48, 32), ofd=58, bpd=43, degrees=10)
-    off = predictor_for(near, head, spec_small=100.0, mask_small_head_mm="off")
-    assert off.mask_small_head_mm is None
+    off = predictor_for(near, head, spec_small=100.0, settings=["small_heads_by_mask=off"])
+    assert off.steps == []
     assert diameter_lengths(off.predict([image], pixel_mm=[0.5])[0][0])[1] == pytest.approx(58, abs=1.0)
-    on = predictor_for(near, head, mask_small_head_mm=200.0)  # the model has none; 200 mm given
+    on = predictor_for(near, head, settings=["small_heads_by_mask=on",
+                                             "small_heads_by_mask.below_mm=200"])
     assert diameter_lengths(on.predict([image], pixel_mm=[1.0])[0][0])[1] == pytest.approx(60, abs=1.5)
-
-
-def test_evaluate_checks_the_mask_small_heads_option():
-    from biometry.commands.evaluate import mask_small_heads_option
-    from biometry.errors import BiometryInputError
-
-    def option(value):
-        return mask_small_heads_option(argparse.Namespace(mask_small_heads=value))
-
-    for bad in (0, "-3", "nan", "inf", "small"):
-        with pytest.raises(BiometryInputError, match=f"--mask-small-heads must be a number > 0 "
-                                                     f"\\(mm of HC\\) or 'off' but got {bad}$"):
-            option(bad)
-    assert option(None) is None and option("off") == "off" and option("100") == 100.0
 
 
 def test_a_median_ensemble_passes_pixel_sizes_to_its_members():
@@ -190,13 +185,15 @@ def test_a_median_ensemble_passes_pixel_sizes_to_its_members():
     image = np.full(INPUT_HW, 100, dtype=np.uint8)
     head = ellipse_points((48, 32), ofd=60, bpd=44, degrees=10)
     members = [ellipse_points((48, 32), ofd=ofd, bpd=43, degrees=10) for ofd in (57, 58, 59)]
-    model = MeanOfModels([FixedOutput(codec, m, head) for m in members], combine="median")
+    model = MeanOfModels([FixedOutput(codec, m, head) for m in members])
+    fixed = {"architecture": "fixed", "model_kwargs": {"mask_head": True}}
     spec = ModelSpec(architecture="ensemble", input_hw=INPUT_HW, stride=STRIDE, sigma=2.0,
-                     model_kwargs={"members": [{"architecture": "fixed"}] * 3, "combine": "median"},
-                     softargmax_beta=20.0, decode="window", mask_small_head_mm=100.0,
+                     model_kwargs={"members": [fixed] * 3}, combine="median",
+                     softargmax_beta=20.0, decode="window", postprocess=model_steps(small=100.0),
                      orientation=Orientation.fit(members[1][None]).to_dict())
     predictor = LandmarkPredictor(model, spec)
-    assert [m.mask_small_head_mm for m in predictor.members] == [100.0] * 3
+    assert [[s.to_dict() for s in m.steps] for m in predictor.members] == [
+        [{"step": "small_heads_by_mask", "below_mm": 100.0}]] * 3
     small, _ = predictor.predict([image], pixel_mm=[0.5])
     assert diameter_lengths(small[0])[1] == pytest.approx(60, abs=1.5)
     large, _ = predictor.predict([image], pixel_mm=[1.0])

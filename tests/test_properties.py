@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -115,8 +116,10 @@ def test_codec_round_trip_for_any_interior_keypoint(stride, sigma, fx, fy):
     codec = HeatmapCodec(input_hw=(256, 384), stride=stride, sigma=sigma)
     margin = (4 * sigma + 1) * stride
     point = np.array([[margin + fx * (383 - 2 * margin), margin + fy * (255 - 2 * margin)]])
-    decoded, _ = codec.decode(codec.encode(point))
-    assert np.abs(decoded - point).max() < 0.01 * stride
+    maps = torch.from_numpy(codec.encode(np.repeat(point, 4, axis=0)))[None]
+    decoded, _ = codec.decode(maps, beta=20.0, decode="window")  # the presets' decoder
+    # softmax(20 * map) leans towards the peak pixel: within a third of a heatmap pixel
+    assert np.abs(decoded[0].numpy() - point).max() < 0.34 * stride
 
 
 @settings(max_examples=60, deadline=None)

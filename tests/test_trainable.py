@@ -19,13 +19,14 @@ MM_METRICS = ["val_measure_l1_mm", "bpd_l1_mm", "ofd_l1_mm", "hc_l1_mm", "bpd_me
               "hc_bias_mm", "ofd_loa_low_mm", "ofd_loa_high_mm", "nme", "unc_spearman", "aurc"]
 
 
-def tiny_config(path, **train):
+def tiny_config(path, *, pairing="ordered", **train):
     return config_from_dict({
         "data": {"path": str(path), "input_h": 64, "input_w": 96},
         "model": {"name": "unet", "width": 8, "depth": 3, "output_stride": 2},
         "loss": {"heatmap_weight": 1.0, "coord_weight": 1.0},
         "train": {"epochs": 2, "batch_size": 4, "lr": 3e-3, "num_workers": 0, "threads": 2,
                   "device": "cpu", **train},
+        "inference": {"pairing": pairing},
     }, source="test")
 
 
@@ -37,8 +38,16 @@ def tiny_config(path, **train):
     ({"model": {"name": "resnet"}}, "'model.name' must be one of"),
     ({"augment": {"scale_min": 1.2, "scale_max": 1.1}}, "scale_min"),
     ({"loss": {"angle_weight": -1.0}}, "angle_weight"),
-    ({"train": {"mask_fallback": -0.5}}, "'train.mask_fallback' must be null or >= 0"),
-    ({"train": {"mask_small_head_mm": 0}}, "'train.mask_small_head_mm' must be null or positive"),
+    ({"train": {"mask_fallback": 0.05}}, "'train.mask_fallback' moved to inference.postprocess"),
+    ({"train": {"decode": "window"}}, "'train.decode' moved to inference.decode"),
+    ({"loss": {"mask_weight": 0.1},
+      "inference": {"postprocess": [{"step": "mask_fallback", "threshold": -0.5}]}},
+     "'inference.postprocess': step 'mask_fallback': 'threshold' must be a number >= 0"),
+    ({"inference": {"postprocess": [{"step": "small_heads_by_mask"}]}},
+     "step 'small_heads_by_mask' needs the model's mask channel"),
+    ({"loss": {"mask_weight": 0.1}, "inference": {"sweep": {"mask_fallback.threshold": [0.1]}}},
+     "'inference.sweep.mask_fallback.threshold' changes an option of 'mask_fallback'"),
+    ({"inference": {"sweep": {"vote": [True]}}}, "'inference.sweep.vote' must name a step"),
 ])
 def test_config_errors_name_the_key(raw, message):
     with pytest.raises(BiometryInputError, match=message.replace("(", r"\(")):
@@ -157,8 +166,8 @@ def test_mask_weight_trains_a_mask_head_that_the_model_folder_rebuilds(synthetic
 
     raw = tiny_config(synthetic_csv).to_dict()
     raw["loss"]["mask_weight"] = 0.2
-    raw["train"]["mask_fallback"] = 0.05
-    raw["train"]["mask_small_head_mm"] = 100.0
+    raw["inference"]["postprocess"] = [{"step": "mask_fallback", "threshold": 0.05},
+                                       {"step": "small_heads_by_mask", "below_mm": 100.0}]
     cfg = config_from_dict(raw, source="test")
     reports = []
     run_trial(cfg, out_dir=tmp_path, reporter=None, log=lambda _: None)
@@ -168,7 +177,32 @@ def test_mask_weight_trains_a_mask_head_that_the_model_folder_rebuilds(synthetic
     assert reports[1]["train_loss_mask"] < reports[0]["train_loss_mask"]
     predictor = LandmarkPredictor.from_folder(tmp_path / "best")
     assert predictor.spec.model_kwargs["mask_head"] is True
-    assert predictor.spec.mask_fallback == predictor.mask_fallback == 0.05
-    assert predictor.spec.mask_small_head_mm == predictor.mask_small_head_mm == 100.0
-    coords, uncertainty = predictor.predict([np.zeros((60, 90), dtype=np.uint8)])
+    assert [s.to_dict() for s in predictor.steps] == cfg.inference.postprocess
+    coords, uncertainty = predictor.predict([np.zeros((60, 90), dtype=np.uint8)], pixel_mm=[0.2])
     assert coords.shape == (1, 4, 2) and np.isfinite(coords).all() and uncertainty.shape == (1,)
+
+
+def test_the_last_epoch_sweeps_the_post_processing_variants_on_validation(synthetic_csv,
+                                                                           tmp_path):
+    """After the last epoch the best weights are measured under each listed variant; the kept
+    steps land in best/model.yaml and in the last report beside the metric."""
+    import json
+
+    from biometry.inference import load_model_spec
+
+    raw = tiny_config(synthetic_csv).to_dict()
+    raw["loss"]["mask_weight"] = 0.2
+    raw["inference"].update(postprocess=[{"step": "mask_fallback", "threshold": 0.05}],
+                            sweep={"mask_fallback.threshold": [0.5, False], "flip_tta": [True]})
+    cfg = config_from_dict(raw, source="test")
+    reports, lines = [], []
+    run_trial(cfg, out_dir=tmp_path, reporter=lambda m, f: reports.append(dict(m)),
+              log=lines.append)
+    last = reports[-1]
+    assert "postprocess.chosen" not in reports[0]
+    assert last["postprocess.chosen"] in ("default", "mask_fallback.threshold=0.5",
+                                          "mask_fallback.threshold=off", "flip_tta=on")
+    steps = json.loads(last["postprocess_steps"])
+    assert any("post-processing sweep: kept" in line for line in lines)
+    run_trial(cfg, out_dir=tmp_path / "alone", log=lambda _: None)
+    assert load_model_spec(tmp_path / "alone" / "best").postprocess == steps
