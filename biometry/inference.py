@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 
+from biometry import atomic
 from biometry.codec import DECODES, PAIRINGS, WINDOW_SIGMAS, HeatmapCodec
 from biometry.errors import BiometryInputError
 from biometry.geometry import ellipse_landmarks
@@ -30,6 +31,7 @@ from biometry.postprocess import (
     needs_pixel_mm,
 )
 from biometry.transforms import Letterbox, Orientation, letterbox, zscore
+from biometry.yamlfile import read_yaml
 from biometry.uncertainty import image_uncertainty
 
 MODEL_FORMAT = "biometry-model/2"
@@ -83,8 +85,7 @@ def save_model_folder(folder: str | Path, model: torch.nn.Module, spec: ModelSpe
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, folder / "model.pt.tmp")
-    (folder / "model.pt.tmp").replace(folder / "model.pt")
+    atomic.write_file(folder / "model.pt", lambda tmp: torch.save(state, tmp))
     write_model_spec(folder, spec)
     return folder
 
@@ -93,7 +94,16 @@ def write_model_spec(folder: str | Path, spec: ModelSpec) -> None:
     data = asdict(spec)
     data["input_hw"] = list(spec.input_hw)
     data["format"] = MODEL_FORMAT
-    (Path(folder) / "model.yaml").write_text(yaml.safe_dump(_plain(data), sort_keys=False))
+    atomic.write_text(Path(folder) / "model.yaml", yaml.safe_dump(_plain(data), sort_keys=False))
+
+
+def set_model_postprocess(folder: str | Path, steps: list[dict[str, Any]]) -> None:
+    """Rewrite a model folder's post-processing steps (the weights stay): what a trial's
+    post-training sweep kept."""
+    spec = load_model_spec(folder)
+    spec.postprocess = list(steps)
+    _check_spec(spec, Path(folder) / "model.yaml")
+    write_model_spec(folder, spec)
 
 
 def load_model_spec(folder: str | Path) -> ModelSpec:
@@ -101,13 +111,8 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
     line naming the file and the key. A folder of the first format loads with its rules as
     steps."""
     spec_path = Path(folder) / "model.yaml"
-    if not spec_path.is_file():
-        raise BiometryInputError(f"{spec_path}: not found (a model folder holds model.pt and "
-                                 f"model.yaml, e.g. runs/NAME/best)")
-    try:
-        raw = yaml.safe_load(spec_path.read_text())
-    except yaml.YAMLError as err:
-        raise BiometryInputError(f"{spec_path}: invalid YAML ({err})") from None
+    raw = read_yaml(spec_path, missing="a model folder holds model.pt and model.yaml, e.g. "
+                                      "runs/NAME/best")
     if not isinstance(raw, dict) or raw.get("format") not in (MODEL_FORMAT, LEGACY_FORMAT):
         raise BiometryInputError(f"{spec_path}: 'format' must be {MODEL_FORMAT}")
     if raw["format"] == LEGACY_FORMAT:

@@ -111,16 +111,15 @@ def validate_space_against_config(space, base_trial: dict, *, samples: int = 8) 
     import optuna
 
     from search.space import trial_overrides
-    from trainables.config import config_from_dict, set_dotted
+    from trainables.config import config_from_dict, with_overrides
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(samples):
         trial = study.ask()
-        raw = json.loads(json.dumps(base_trial))
         returned = space(trial)
-        # what a trial receives: Ray's OptunaSearch merges the sampled names with the returned dict
-        for key, value in trial_overrides({**trial.params, **returned}).items():
-            set_dotted(raw, key, value)
+        # what a trial receives: Ray's OptunaSearch merges the sampled names with the returned
+        # dict, and the trainable applies them as trainables.tune_trial does
+        raw, _ = with_overrides(base_trial, trial_overrides({**trial.params, **returned}))
         config_from_dict(raw, source=f"{space.source} + preset")
         study.tell(trial, 0.0)
 

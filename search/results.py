@@ -56,3 +56,19 @@ def export_best_checkpoint(result, destination: Path) -> None:
     checkpoint = min(result.best_checkpoints, key=lambda cm: cm[1].get(OBJECTIVE, math.inf))[0]
     with checkpoint.as_directory() as folder:
         export_model_folder(Path(folder), destination)
+    apply_swept_postprocess(result.metrics or {}, destination)
+
+
+# the last report of a trial whose post-processing was swept carries the kept steps (JSON)
+SWEPT_STEPS = "postprocess_steps"
+
+
+def apply_swept_postprocess(last_result: dict, folder: Path) -> None:
+    """Give an exported best checkpoint the steps its trial's post-training sweep kept (the
+    checkpoint was saved at the best epoch, before the sweep ran)."""
+    import json
+
+    from biometry.inference import set_model_postprocess
+
+    if last_result.get(SWEPT_STEPS):
+        set_model_postprocess(folder, json.loads(last_result[SWEPT_STEPS]))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from biometry.errors import BiometryInputError
-from search.results import best_checkpoint_folder, checkpoint_value
+from search.results import apply_swept_postprocess, best_checkpoint_folder, checkpoint_value
 from search.tune_api import Callback
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,9 @@ class MlflowSearchLogger(Callback):
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
                    if _is_metric(k, v)]
         self._safe(f"metrics of {trial.trial_id}", self.client.log_batch, run_id, metrics=metrics)
+        swept = {k: v for k, v in result.items() if k.startswith("postprocess.")}
+        if swept:  # the post-training sweep's choice, beside the trial's params
+            self._safe("swept params", self._log_params, run_id, swept)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, "FINISHED")
@@ -191,6 +194,8 @@ class MlflowSearchLogger(Callback):
             folder = self._safe(f"checkpoint of {trial.trial_id}", best_model_folder, trial,
                                 self.objective, Path(staging))
             if folder is not None:
+                self._safe("swept post-processing", apply_swept_postprocess,
+                           trial.last_result or {}, folder)
                 for name in MODEL_FILES:
                     if (folder / name).is_file():
                         self._safe("model artifact", self.client.log_artifact, run_id,

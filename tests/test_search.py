@@ -224,7 +224,7 @@ def test_final_seeds_train_at_once_and_final_is_their_ensemble(tmp_path, ray_ses
         assert spec["trial_config"]["train"]["epochs"] == 2
         members.append(load_model_folder(member["model"])[0])
     model, spec = load_model_folder(run_dir / "final")
-    assert spec.architecture == "ensemble" and spec.model_kwargs["combine"] == "median"
+    assert spec.architecture == "ensemble" and spec.combine == "median"
     assert final["combine"] == "median"
     assert [m["seed"] for m in spec.model_kwargs["members"]] == [0, 1]
     assert spec.metrics[objective] == pytest.approx(final["metrics"][objective])
@@ -259,7 +259,7 @@ def test_final_seeds_train_at_once_and_final_is_their_ensemble(tmp_path, ray_ses
     assert rebuilt["combine"] == "maps" and rebuilt["members"] == final["members"]
     assert {m: (Path(m) / "model.pt").stat().st_mtime_ns for m in seeds_written} == seeds_written
     model, spec = load_model_folder(run_dir / "final")
-    assert spec.model_kwargs["combine"] == "maps"
+    assert spec.combine == "maps"
     assert spec.metrics[objective] == pytest.approx(rebuilt["metrics"][objective])
     _, after = mlflow_runs(run_dir, "ens")
     assert len([r for r in after if r.data.tags.get("role") == "final"]) == 2  # none retrained
@@ -350,6 +350,7 @@ def test_the_presets_base_config_is_the_first_point_and_the_space_can_produce_it
     study.enqueue_trial(point)
     values = space(study.ask())
     flat = config_from_dict(base.trial).flat()
+    assert values.pop("inference.sweep") == space.postprocess  # the variants, not a sample
     for key, value in values.items():
         assert (list(flat[key]) if isinstance(flat[key], tuple) else flat[key]) == value, key
     # a value outside the space is left to the sampler, not forced
@@ -449,3 +450,26 @@ def test_other_snapshot_errors_keep_their_traceback(tmp_path):
 
     text = _log_through("ray.tune.execution.experiment_state", emit)
     assert "Traceback" in text and "experiment_state-2026.json" in text, text
+
+
+def test_each_trial_sweeps_the_spaces_post_processing_and_best_keeps_its_choice(tmp_path,
+                                                                                  ray_session):
+    """The space's postprocess variants reach every trial; each finished trial reports what it
+    kept (MLflow params postprocess.*) and best/model.yaml carries the best trial's choice."""
+    space = {"params": {"train.lr": {"low": 1.0e-3, "high": 3.0e-3, "log": True}},
+             "postprocess": {"flip_tta": ["on"]}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    preset = write_preset(tmp_path / "p.yaml", num_samples=2, epochs=2, concurrent=2,
+                          space=str(tmp_path / "space.yaml"))
+    assert search_cli.main(["--preset", str(preset), "--out", str(tmp_path / "runs"),
+                            "--name", "pp", "--seed", "1", "--final-epochs", "0"]) == 0
+    run_dir = tmp_path / "runs" / "pp"
+    _, runs = mlflow_runs(run_dir, "pp")
+    children = [r for r in runs if r.data.tags.get("role") == "trial"]
+    assert children and all(r.data.params.get("postprocess.chosen") in ("default", "flip_tta=on")
+                            for r in children)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = next(r for r in children if r.data.tags["ray_trial_id"] == summary["best_trial_id"])
+    kept = yaml.safe_load((run_dir / "best" / "model.yaml").read_text())["postprocess"]
+    assert kept == ([{"step": "flip_tta"}] if best.data.params["postprocess.chosen"] != "default"
+                    else [])

@@ -26,7 +26,7 @@ from biometry import atomic
 from biometry.constants import BEST_OBJECTIVE, OBJECTIVE
 from biometry.errors import BiometryInputError, run_cli
 from biometry.geometry import diameter_lengths
-from biometry.inference import LandmarkPredictor, ModelSpec, save_model_folder, write_model_spec
+from biometry.inference import LandmarkPredictor, ModelSpec, save_model_folder, set_model_postprocess
 from biometry.losses import biometry_loss
 from biometry.metrics import summarize
 from biometry.models import create_model, split_mask
@@ -157,34 +157,36 @@ def training_ofd_px(data: PreparedSplits) -> np.ndarray:
     return diameter_lengths(data.train.landmarks)[1]
 
 
-def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: str | Path,
-              reporter: Reporter | None = None, resume_from: str | Path | None = None,
-              log: Callable[[str], None] = print, hooks: TrialHooks | None = None) -> dict:
-    """Train one config; return the best epoch's metrics. See the module docstring."""
-    hooks = hooks or TrialHooks()
-    out_dir = Path(out_dir)
-    seed_everything(cfg.train.seed)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-    on_cuda = device.type == "cuda"
+@dataclass
+class Trainer:
+    """What one trial trains with: the loader, the model and its average, the optimizer."""
 
-    # data: decoded once (or handed in by the search), augmented in workers
-    data = data or prepare_splits(cfg.data)
-    if tuple(data.input_hw) != cfg.input_hw:
-        raise BiometryInputError(f"data prepared at {data.input_hw} but the config asks for "
-                                 f"{cfg.input_hw} (data.input_h/input_w)")
-    spec = model_spec(cfg, data)
-    codec = spec.codec()
-    train_set = HeatmapDataset(data.train, codec=codec, orientation=data.orientation,
+    loader: DataLoader
+    model: torch.nn.Module
+    ema: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype
+    use_amp: bool
+
+    @property
+    def deployed(self) -> torch.nn.Module:
+        """What is validated and saved: the weight average when there is one."""
+        return self.model if self.ema is None else self.ema.module
+
+
+def build_trainer(cfg: TrialConfig, data: PreparedSplits, spec: ModelSpec,
+                  device: torch.device) -> Trainer:
+    on_cuda = device.type == "cuda"
+    train_set = HeatmapDataset(data.train, codec=spec.codec(), orientation=data.orientation,
                                augment=cfg.augment)
     weights = (head_size_weights(data.train, power=cfg.train.balance_head_size)
                if cfg.train.balance_head_size else None)
     loader = make_loader(train_set, batch_size=min(cfg.train.batch_size, len(train_set)),
                          shuffle=True, num_workers=cfg.train.num_workers, seed=cfg.train.seed,
                          pin_memory=on_cuda, weights=weights)
-
-    # model, optimizer, schedule
     model = create_model(cfg.model.name, **cfg.model_kwargs()).to(device)
     if on_cuda and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -199,83 +201,100 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     # an exponential moving average of the weights is what is validated and saved: one epoch's
     # weights are noisy (validation jumps by 0.5 mm between neighbouring epochs without it)
-    ema = make_ema(model, cfg.train.ema_decay)
-    deployed = model if ema is None else ema.module
+    return Trainer(loader=loader, model=model, ema=make_ema(model, cfg.train.ema_decay),
+                   optimizer=optimizer, schedule=schedule, scaler=scaler, device=device,
+                   amp_dtype=amp_dtype, use_amp=use_amp)
+
+
+def train_epoch(trainer: Trainer, cfg: TrialConfig, codec, epoch: int) -> dict[str, float]:
+    """One pass over the loader: forward, loss, backward, clip, step; the mean loss terms."""
+    t = trainer
+    channels_last = t.device.type == "cuda" and cfg.train.channels_last
+    t.model.train()
+    sums: dict[str, float] = {}
+    for images, heatmaps, keypoints in t.loader:
+        images = images.to(t.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        heatmaps, keypoints = heatmaps.to(t.device), keypoints.to(t.device)
+        with torch.autocast(t.device.type, dtype=t.amp_dtype, enabled=t.use_amp):
+            pred = t.model(images)
+        pred, mask_logits = split_mask(pred.float())
+        coords, _ = codec.decode(pred, beta=cfg.train.softargmax_beta,
+                                 pairing=cfg.inference.pairing)
+        mask = None
+        if mask_logits is not None:
+            mask = (mask_logits, *codec.encode_head_region(keypoints))
+        loss, terms = biometry_loss(pred, heatmaps, coords, keypoints, cfg.loss,
+                                    coord_scale=float(cfg.input_hw[1]), mask=mask)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at epoch "
+                                     f"{epoch}; lower train.lr or check the data")
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        t.scaler.unscale_(t.optimizer)
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.train.grad_clip)
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.schedule.step()
+        if t.ema is not None:
+            t.ema.update_parameters(t.model)
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return {f"train_loss_{k}": v / max(1, len(t.loader)) for k, v in sums.items()}
+
+
+def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: str | Path,
+              reporter: Reporter | None = None, resume_from: str | Path | None = None,
+              log: Callable[[str], None] = print, hooks: TrialHooks | None = None) -> dict:
+    """Train one config; return the best epoch's metrics. See the module docstring."""
+    hooks = hooks or TrialHooks()
+    out_dir = Path(out_dir)
+    seed_everything(cfg.train.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    data = data or prepare_splits(cfg.data)  # decoded once (or handed in by the search)
+    if tuple(data.input_hw) != cfg.input_hw:
+        raise BiometryInputError(f"data prepared at {data.input_hw} but the config asks for "
+                                 f"{cfg.input_hw} (data.input_h/input_w)")
+    spec = model_spec(cfg, data)
+    codec = spec.codec()
+    trainer = build_trainer(cfg, data, spec, device)
     state = TrainerState()
     if resume_from is not None:
-        state = load_trainer_state(resume_from, model, optimizer, schedule, cfg, ema=ema)
+        state = load_trainer_state(resume_from, trainer.model, trainer.optimizer,
+                                   trainer.schedule, cfg, ema=trainer.ema)
         log(f"resumed from {resume_from} after epoch {state.epoch}")
-    predictor = LandmarkPredictor(deployed, spec, device=device)
+    predictor = LandmarkPredictor(trainer.deployed, spec, device=device)
 
     best_metrics: dict = {}
     best_weights = None  # the best epoch's deployed weights, for the post-processing sweep
     for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
         hooks.on_epoch_start(epoch)
         started = time.perf_counter()
-        loader.generator.manual_seed(cfg.train.seed * 100003 + epoch)
-
-        # train one epoch: forward, loss, backward, clip, step
-        model.train()
-        sums: dict[str, float] = {}
-        for images, heatmaps, keypoints in loader:
-            images = images.to(device, non_blocking=True)
-            if on_cuda and cfg.train.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            heatmaps, keypoints = heatmaps.to(device), keypoints.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                pred = model(images)
-            pred, mask_logits = split_mask(pred.float())
-            coords, _ = codec.decode(pred, beta=cfg.train.softargmax_beta,
-                                     pairing=cfg.inference.pairing)
-            mask = None
-            if mask_logits is not None:
-                mask = (mask_logits, *codec.encode_head_region(keypoints))
-            loss, terms = biometry_loss(pred, heatmaps, coords, keypoints, cfg.loss,
-                                        coord_scale=float(cfg.input_hw[1]), mask=mask)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss ({loss.item()}) at epoch "
-                                         f"{epoch}; lower train.lr or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+        trainer.loader.generator.manual_seed(cfg.train.seed * 100003 + epoch)
+        losses = train_epoch(trainer, cfg, codec, epoch)
         train_seconds = time.perf_counter() - started
 
         # validate in mm and choose the uncertainty threshold for the target coverage
-        deployed.eval()
-        metrics = validate_into_spec(predictor, data.val)
-        metrics.update({f"train_loss_{k}": v / max(1, steps_per_epoch) for k, v in sums.items()})
-        value = metrics[OBJECTIVE]
-        if math.isfinite(value) and value < state.best_value:
-            state.best_value, state.best_epoch = value, epoch
+        trainer.deployed.eval()
+        metrics = {**validate_into_spec(predictor, data.val), **losses}
+        if math.isfinite(metrics[OBJECTIVE]) and metrics[OBJECTIVE] < state.best_value:
+            state.best_value, state.best_epoch = metrics[OBJECTIVE], epoch
             best_metrics = dict(metrics)
-            best_weights = {k: v.detach().clone() for k, v in deployed.state_dict().items()}
+            best_weights = {k: v.detach().clone() for k, v in trainer.deployed.state_dict().items()}
         state.epoch = epoch
         if epoch == cfg.train.epochs and cfg.inference.sweep:
             metrics.update(tune_postprocess(cfg, data, spec, best_weights, device=device, log=log))
-        metrics.update({
-            "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            BEST_OBJECTIVE: state.best_value,
-            "best_epoch": state.best_epoch,
-            "epoch_seconds": time.perf_counter() - started,
-            "train_images_per_s": len(loader) * loader.batch_size / max(train_seconds, 1e-9),
-        })
-        log(f"epoch {epoch}/{cfg.train.epochs}  loss {metrics.get('train_loss_total', 0):.4f}  "
-            f"{OBJECTIVE} {value:.3f}  bpd {metrics['bpd_l1_mm']:.2f}  "
-            f"ofd {metrics['ofd_l1_mm']:.2f}  hc {metrics['hc_l1_mm']:.2f} mm  "
-            f"({metrics['epoch_seconds']:.1f}s)")
+        metrics.update(epoch_figures(trainer, state, epoch=epoch, started=started,
+                                     train_seconds=train_seconds))
+        log(epoch_line(metrics, epochs=cfg.train.epochs))
 
         # checkpoint: the model folder plus the trainer's state, handed to the reporter
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            save_checkpoint(Path(tmp), model, spec, optimizer, schedule, state, ema=ema)
+            save_checkpoint(Path(tmp), trainer.model, spec, trainer.optimizer, trainer.schedule,
+                            state, ema=trainer.ema)
             if reporter is not None:
                 reporter(metrics, Path(tmp))
             else:
@@ -283,9 +302,25 @@ def run_trial(cfg: TrialConfig, *, data: PreparedSplits | None = None, out_dir: 
         hooks.after_report(epoch)
     if reporter is None:
         if cfg.inference.sweep and (out_dir / "best").is_dir():
-            set_postprocess(out_dir / "best", spec.postprocess)
+            set_model_postprocess(out_dir / "best", spec.postprocess)
         write_metrics(out_dir, best_metrics, state)
     return best_metrics
+
+
+def epoch_figures(trainer: Trainer, state: TrainerState, *, epoch: int, started: float,
+                  train_seconds: float) -> dict:
+    loader = trainer.loader
+    return {"epoch": epoch, "lr": trainer.optimizer.param_groups[0]["lr"],
+            BEST_OBJECTIVE: state.best_value, "best_epoch": state.best_epoch,
+            "epoch_seconds": time.perf_counter() - started,
+            "train_images_per_s": len(loader) * loader.batch_size / max(train_seconds, 1e-9)}
+
+
+def epoch_line(metrics: dict, *, epochs: int) -> str:
+    return (f"epoch {metrics['epoch']}/{epochs}  loss {metrics.get('train_loss_total', 0):.4f}  "
+            f"{OBJECTIVE} {metrics[OBJECTIVE]:.3f}  bpd {metrics['bpd_l1_mm']:.2f}  "
+            f"ofd {metrics['ofd_l1_mm']:.2f}  hc {metrics['hc_l1_mm']:.2f} mm  "
+            f"({metrics['epoch_seconds']:.1f}s)")
 
 
 def tune_postprocess(cfg: TrialConfig, data: PreparedSplits, spec: ModelSpec, weights, *,
@@ -305,15 +340,6 @@ def tune_postprocess(cfg: TrialConfig, data: PreparedSplits, spec: ModelSpec, we
     log(f"post-processing sweep: kept {result.chosen} (gain {result.gain_mm:.3f} mm; "
         + ", ".join(f"{k} {v:.3f}" for k, v in result.objectives.items()) + ")")
     return {**result.as_metrics(), "postprocess_steps": json.dumps(spec.postprocess)}
-
-
-def set_postprocess(folder: Path, steps: list[dict]) -> None:
-    """Rewrite a model folder's post-processing steps (the weights stay)."""
-    from biometry.inference import load_model_spec
-
-    spec = load_model_spec(folder)
-    spec.postprocess = list(steps)
-    write_model_spec(folder, spec)
 
 
 def make_ema(model: torch.nn.Module, decay: float):
