@@ -392,14 +392,7 @@ def run_eda(records: Sequence[LandmarkRecord], out_dir: str | Path, *, source: s
         "image_sizes": {f"{int(w)}x{int(h)}": n for (h, w), n in
                         Counter(zip(images["height"], images["width"])).most_common()},
         "pixel_mm": _stats(pixel_mm),
-        "intensity": {
-            "mean": _stats(images["mean"]),
-            "std": _stats(images["std"]),
-            "unreadable": [fit.names[i] for i in np.flatnonzero(~np.isfinite(images["mean"]))],
-            "lowest_contrast": _extremes(fit.names, images["std"], 5, lowest=True),
-            "darkest": _extremes(fit.names, images["mean"], 5, lowest=True),
-            "brightest": _extremes(fit.names, images["mean"], 5, lowest=False),
-        },
+        "intensity": _intensity_section(fit.names, images),
         "measurements": {
             "bpd_mm": _stats(bpd_px * pixel_mm),
             "ofd_mm": _stats(ofd_px * pixel_mm),
@@ -407,24 +400,9 @@ def run_eda(records: Sequence[LandmarkRecord], out_dir: str | Path, *, source: s
             "angle_deg": _stats(angle),
             "centre_offset_frac": _stats(offset),
         },
-        "swap": {
-            "n_rows": swap.n_rows,
-            "n_swapped": swap.n_swapped,
-            "majority_swapped": swap.majority_swapped,
-            "fixed": swap_report is not None and swap.majority_swapped,
-            "bpd_longer_than_ofd": [fit.names[i] for i in np.flatnonzero(bpd_px > ofd_px)],
-        },
-        "outliers": {
-            "method": fit.method,
-            "features": list(FEATURE_NAMES),
-            "feature_median": _named(fit.median),
-            "feature_scale": _named(fit.scale),
-            "cutoff": round(fit.cutoff, 4),
-            "n_flagged": len(flagged),
-            "score": _stats(fit.scores[np.isfinite(fit.scores)]),
-            "top": [{"image": r.image, "score": _round(r.score), "reasons": list(r.reasons)}
-                    for r in table[:top]],
-        },
+        "swap": {**_swap_section(swap), "fixed": swap_report is not None and swap.majority_swapped,
+                 "bpd_longer_than_ofd": [fit.names[i] for i in np.flatnonzero(bpd_px > ofd_px)]},
+        "outliers": _outliers_section(fit, table, n_flagged=len(flagged), top=top),
         "skipped": [{"item": item, "reason": reason} for item, reason in skipped],
         "files": {"report": str(out / "report.md"), "outliers": str(out / "outliers.csv"),
                   "plots": [str(out / f"{name}.png") for name in PLOTS]},
@@ -445,6 +423,36 @@ def run_eda(records: Sequence[LandmarkRecord], out_dir: str | Path, *, source: s
     (out / "report.md").write_text(_markdown(report, table, top), encoding="utf-8")
     (out / "eda.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _intensity_section(names: Sequence[str], images: dict) -> dict:
+    return {
+        "mean": _stats(images["mean"]),
+        "std": _stats(images["std"]),
+        "unreadable": [names[i] for i in np.flatnonzero(~np.isfinite(images["mean"]))],
+        "lowest_contrast": _extremes(names, images["std"], 5, lowest=True),
+        "darkest": _extremes(names, images["mean"], 5, lowest=True),
+        "brightest": _extremes(names, images["mean"], 5, lowest=False),
+    }
+
+
+def _swap_section(swap: SwapReport) -> dict:
+    return {"n_rows": swap.n_rows, "n_swapped": swap.n_swapped,
+            "majority_swapped": swap.majority_swapped}
+
+
+def _outliers_section(fit, table: Sequence[OutlierRow], *, n_flagged: int, top: int) -> dict:
+    return {
+        "method": fit.method,
+        "features": list(FEATURE_NAMES),
+        "feature_median": _named(fit.median),
+        "feature_scale": _named(fit.scale),
+        "cutoff": round(fit.cutoff, 4),
+        "n_flagged": n_flagged,
+        "score": _stats(fit.scores[np.isfinite(fit.scores)]),
+        "top": [{"image": r.image, "score": _round(r.score), "reasons": list(r.reasons)}
+                for r in table[:top]],
+    }
 
 
 def write_outliers_csv(table: Sequence[OutlierRow], path: str | Path) -> Path:
@@ -591,6 +599,19 @@ class _Plots:
         self._save(fig, "top_outliers")
 
 
+def _swap_text(s: dict) -> str:
+    if s["fixed"]:
+        text = (f"{s['n_swapped']} of {s['n_rows']} rows had BPD longer than OFD: the columns "
+                "looked exchanged and were swapped back on import.")
+    else:
+        text = f"{s['n_swapped']} of {s['n_rows']} rows have BPD longer than OFD."
+    if s["bpd_longer_than_ofd"]:
+        text += (" Rows with BPD longer than OFD after import: "
+                 + ", ".join(f"`{n}`" for n in s["bpd_longer_than_ofd"][:20])
+                 + (" ..." if len(s["bpd_longer_than_ofd"]) > 20 else "") + ".")
+    return text
+
+
 def _markdown(report: dict, table: list[OutlierRow], top: int) -> str:
     m, o, s, i = report["measurements"], report["outliers"], report["swap"], report["intensity"]
 
@@ -598,15 +619,7 @@ def _markdown(report: dict, table: list[OutlierRow], top: int) -> str:
         return (f"median {fmt.format(d['median'])} (min {fmt.format(d['min'])}, "
                 f"max {fmt.format(d['max'])})") if d else "n/a"
 
-    if s["fixed"]:
-        swap_text = (f"{s['n_swapped']} of {s['n_rows']} rows had BPD longer than OFD: the columns "
-                     "looked exchanged and were swapped back on import.")
-    else:
-        swap_text = f"{s['n_swapped']} of {s['n_rows']} rows have BPD longer than OFD."
-    if s["bpd_longer_than_ofd"]:
-        swap_text += (" Rows with BPD longer than OFD after import: "
-                      + ", ".join(f"`{n}`" for n in s["bpd_longer_than_ofd"][:20])
-                      + (" ..." if len(s["bpd_longer_than_ofd"]) > 20 else "") + ".")
+    swap_text = _swap_text(s)
     lines = [
         f"# Data report: {report['source']}",
         "",

@@ -12,15 +12,13 @@ import csv
 import time
 from pathlib import Path
 
+from biometry.commands._arguments import add_data_out_skip
 from biometry.eda import run_eda
 from biometry.io import import_dataset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", type=Path, help="HC18-style folder or landmark CSV")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created if needed)")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip bad rows/images with a warning instead of stopping")
+    add_data_out_skip(parser, positional=True)
     parser.add_argument("--top", type=_non_negative_int, default=12, metavar="N",
                         help="flagged images listed in the report and drawn (default 12)")
 

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from biometry.constants import SPLITS
+from biometry.commands._arguments import add_data_out_skip, add_model, add_out
 from biometry.errors import BiometryInputError
 
 ATLAS_SIZE = 10
-SPLITS = ("all", "train", "val", "test")  # as biometry.evaluation.SPLITS
 NO_POSTPROCESS = "none"
 
 
@@ -64,15 +65,10 @@ def postprocess_steps(spec, source: str | None, settings: list[str]):
 
 
 def _read_steps_file(path: Path):
-    import yaml
+    from biometry.yamlfile import read_yaml
 
-    if not path.is_file():
-        raise BiometryInputError(f"--postprocess {path}: not found (a YAML list of steps, or "
-                                 f"'{NO_POSTPROCESS}')")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise BiometryInputError(f"{path}: invalid YAML ({err})") from None
+    raw = read_yaml(path, missing=f"--postprocess takes a YAML list of steps, or "
+                                  f"'{NO_POSTPROCESS}'")
     return raw.get("postprocess") if isinstance(raw, dict) else raw
 
 
@@ -91,17 +87,12 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True,
-                        help="model folder (model.pt + model.yaml), e.g. runs/NAME/best")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="HC18-style folder or landmark CSV")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created if needed)")
+    add_model(parser)
+    add_data_out_skip(parser, positional=False)
     parser.add_argument("--split", choices=SPLITS, default="all",
                         help="evaluate all records (default) or one split of the model's own "
                              "subject split (from model.yaml)")
     add_inference_arguments(parser)
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip bad rows/images with a warning instead of stopping")
     parser.add_argument("--atlas", type=int, default=ATLAS_SIZE, metavar="K",
                         help=f"worst images in the failure atlas (default {ATLAS_SIZE}; 0 = none)")
 

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from biometry.checks import implausible_rows
+from biometry.commands._arguments import add_data_out_skip
 from biometry.geometry import diameter_lengths, ellipse_perimeter
 from biometry.io import ImportResult, import_dataset, read_grayscale, write_landmark_csv
 from biometry.records import LandmarkRecord
@@ -26,10 +27,7 @@ OFD_COLOUR = (0, 140, 255)  # BGR orange
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", type=Path, help="HC18-style folder or landmark CSV")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created if needed)")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip bad rows/images with a warning instead of stopping")
+    add_data_out_skip(parser, positional=True)
     parser.add_argument("--overlays", type=int, default=8, metavar="N",
                         help="number of overlay PNGs (flagged images first; default 8)")
 

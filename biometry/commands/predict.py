@@ -16,6 +16,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from biometry.commands._arguments import add_model, add_out
 from biometry.commands.evaluate import (
     add_inference_arguments, check_model_folder, load_predictor,
 )
@@ -27,13 +28,12 @@ SPACING_COLUMNS = (("image", "pixel_mm"), ("filename", "pixel size(mm)"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True,
-                        help="model folder (model.pt + model.yaml), e.g. runs/NAME/best")
+    add_model(parser)
     parser.add_argument("--images", type=Path, required=True, help="folder of PNG/JPEG images")
     parser.add_argument("--pixel-mm", required=True, metavar="CSV_OR_FLOAT",
                         help="pixel spacing in mm for every image, or a CSV (image,pixel_mm or "
                              "HC18's filename,pixel size(mm))")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created if needed)")
+    add_out(parser)
     add_inference_arguments(parser)
     parser.add_argument("--overlays", type=int, default=-1, metavar="N",
                         help="overlay PNGs to write: the first N images (default: all; 0 = none)")

@@ -107,10 +107,10 @@ class ModelConfig:
 
     in_channels: int = 1
     num_keypoints: int = 4
+    norm: str = "group"
     width: int = 16
     depth: int = 4
     output_stride: int = 1
-    norm: str = "group"
     mask_head: bool = False
 
     def __post_init__(self) -> None:

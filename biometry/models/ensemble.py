@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from biometry.constants import ENSEMBLE_COMBINES  # noqa: F401  (re-exported by biometry.models)
 from biometry.models._registry import create_model
 
 ENSEMBLE = "ensemble"
-ENSEMBLE_COMBINES = ("maps", "median")
 
 
 class MeanOfModels(nn.Module):
