@@ -1,9 +1,11 @@
 """Every Ray call the search driver makes, in one place (Ray's API moves; this file moves with it)."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -103,6 +105,8 @@ def check_resources(*, cpus_per_trial: float, gpus_per_trial: float) -> dict[str
         raise BiometryInputError(f"--cpus-per-trial must be positive but got {cpus_per_trial}")
     if gpus_per_trial < 0:
         raise BiometryInputError(f"--gpus-per-trial cannot be negative but got {gpus_per_trial}")
+    if gpus_per_trial > 0 and have["GPU"] == 0 and autoscaler_running():
+        have = wait_for_a_gpu_node(cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
     if gpus_per_trial > 0 and have["GPU"] == 0:
         raise BiometryInputError(f"--gpus-per-trial {gpus_per_trial} asks for a GPU but the Ray "
                                  f"cluster has none (CPU {have['CPU']:g}); use --preset cpu or "
@@ -114,6 +118,63 @@ def check_resources(*, cpus_per_trial: float, gpus_per_trial: float) -> dict[str
     if cpus_per_trial > largest_cpu_node:
         raise BiometryInputError(f"--cpus-per-trial {cpus_per_trial} is more than any node has "
                                  f"({largest_cpu_node:g} CPU)")
+    return have
+
+
+# how long a search waits for an autoscaler to add a GPU node before it refuses (a GPU instance
+# or pod takes minutes to start: a spot launch, an image pull)
+GPU_WAIT_MIN_ENV = "BIOMETRY_GPU_WAIT_MIN"
+GPU_WAIT_MIN_DEFAULT = 20.0
+
+
+def autoscaler_running() -> bool:
+    """Whether a Ray autoscaler watches this cluster (the launcher's or KubeRay's, v1 or v2),
+    so that a request for a GPU it does not have yet can make it add a node."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return False
+    # Every head's monitor writes its status there. A cluster of `ray start` nodes gets a
+    # read-only one, whose node types are the nodes themselves ("node_<node id>"); a launcher
+    # or KubeRay cluster reports the types it can launch (head_cpu, gpu_worker, gpu-workers).
+    status = _internal_kv_get("__autoscaling_status")
+    try:
+        report = (json.loads(status) if status else {}).get("autoscaler_report") or {}
+    except ValueError:
+        report = {}
+    types = {*report.get("active_nodes", {}), *(report.get("idle_nodes") or {}),
+             *(report.get("node_type_mapping") or {}).values()}
+    if any(not re.fullmatch(r"node_[0-9a-f]{56}", node_type) for node_type in types):
+        return True
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        return bool(is_autoscaler_v2(fetch_from_server=True))
+    except Exception:  # an older or unreachable GCS: no autoscaler we can talk to
+        return False
+
+
+def wait_for_a_gpu_node(*, cpus_per_trial: float, gpus_per_trial: float) -> dict[str, float]:
+    """Ask the autoscaler for one trial's bundle and wait until a GPU node has joined (at most
+    ``BIOMETRY_GPU_WAIT_MIN`` minutes); then withdraw the request, so the trials keep the node
+    busy and an idle one can go again. Returns the cluster's resources at the end."""
+    from ray.autoscaler.sdk import request_resources
+
+    value = os.environ.get(GPU_WAIT_MIN_ENV, str(GPU_WAIT_MIN_DEFAULT))
+    try:
+        wait_s = float(value) * 60
+    except ValueError:
+        raise BiometryInputError(f"{GPU_WAIT_MIN_ENV}={value!r}: a number of minutes is "
+                                 f"required") from None
+    print(f"the Ray cluster has no GPU yet: asking its autoscaler for a GPU node (waiting up to "
+          f"{wait_s / 60:g} min, {GPU_WAIT_MIN_ENV})", flush=True)
+    request_resources(bundles=[{"CPU": cpus_per_trial, "GPU": gpus_per_trial}])
+    deadline = time.monotonic() + wait_s
+    try:
+        while (have := cluster_resources())["GPU"] == 0 and time.monotonic() < deadline:
+            time.sleep(2)
+    finally:
+        request_resources(bundles=[])
     return have
 
 

@@ -183,7 +183,7 @@ def test_ray_aws_node_types(aws):
     assert gpu, "no worker node type"
     for t in gpu:
         assert re.match(r"^(g|p)\d", t["node_config"]["InstanceType"]), "worker types should be GPU instances"
-        assert 1 <= t["min_workers"] <= t["max_workers"]  # run.py needs a GPU present
+        assert 0 <= t["min_workers"] <= t["max_workers"] and t["max_workers"] >= 1
         assert t["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
         assert "IamInstanceProfile" in t["node_config"], "workers need S3 access for the shared storage"
     assert sum(t["max_workers"] for t in gpu) <= aws["max_workers"]
