@@ -111,7 +111,8 @@ def find_base_trial(run_dir: Path) -> Path | None:
     base = config_from_dict(json.loads((run_dir / "search.json").read_text())["trial"]).flat()
     for params_file in sorted(run_dir.glob("trial_*/params.json")):
         params = json.loads(params_file.read_text())
-        plain = {k: v for k, v in params.items() if "@" not in k}
+        # the sampler's own names and the post-processing variants are not the config's values
+        plain = {k: v for k, v in params.items() if "@" not in k and k != "inference.sweep"}
         if plain and all(_same(base.get(k), v) for k, v in plain.items()):
             return params_file.parent
     return None
