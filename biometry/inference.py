@@ -8,7 +8,7 @@ else.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +31,7 @@ from biometry.postprocess import (
     needs_pixel_mm,
 )
 from biometry.transforms import Letterbox, Orientation, letterbox, zscore
+from biometry.typed import from_mapping
 from biometry.yamlfile import read_yaml
 from biometry.uncertainty import image_uncertainty
 
@@ -117,13 +118,11 @@ def load_model_spec(folder: str | Path) -> ModelSpec:
         raise BiometryInputError(f"{spec_path}: 'format' must be {MODEL_FORMAT}")
     if raw["format"] == LEGACY_FORMAT:
         raw = _from_legacy(raw, spec_path)
-    unknown = sorted(set(raw) - set(ModelSpec.__dataclass_fields__))
-    if unknown:
-        raise BiometryInputError(f"{spec_path}: unknown key '{unknown[0]}'")
-    try:
-        spec = ModelSpec(**raw)
-    except TypeError as err:
-        raise BiometryInputError(f"{spec_path}: {err}") from None
+    missing = [f.name for f in fields(ModelSpec) if f.default is MISSING
+               and f.default_factory is MISSING and f.name not in raw]
+    if missing:
+        raise BiometryInputError(f"{spec_path}: missing key '{missing[0]}'")
+    spec = from_mapping(ModelSpec, raw, source=str(spec_path))
     spec.input_hw = tuple(spec.input_hw)
     _check_spec(spec, spec_path)
     return spec

@@ -33,6 +33,7 @@ from biometry.geometry import diameter_lengths
 from biometry.metrics import measurements_mm
 from biometry.records import BPD, OFD
 from biometry.transforms import Letterbox, zoom_to
+from biometry.typed import from_mapping
 
 NEEDS = ("mask", "pixel_mm")
 OFF = "off"  # ``--set STEP=off`` and a sweep value: the step removed
@@ -316,13 +317,10 @@ def create_step(entry: Any, *, where: str = "postprocess") -> Step:
     cls = _STEPS[name]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
-    if unknown:
+    if unknown:  # named here: a step's options are not dotted config keys
         raise BiometryInputError(f"{where}: step '{name}' has no option '{unknown[0]}'"
                                  + (f"; its options: {', '.join(sorted(known))}" if known else ""))
-    try:
-        return cls(**options)
-    except ValueError as err:
-        raise BiometryInputError(f"{where}: step '{name}': {err}") from None
+    return from_mapping(cls, options, source=where, section=name)
 
 
 def create_steps(entries: Any, *, where: str = "postprocess") -> list[Step]:

@@ -23,6 +23,7 @@ import yaml
 
 from biometry.constants import ENSEMBLE_COMBINES
 from biometry.errors import BiometryInputError, run_cli
+from biometry.typed import from_mapping
 
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # stderr carries warnings and errors only (a bad input is ONE line there); stdout the progress
@@ -141,18 +142,8 @@ def load_preset(name_or_path: str) -> Preset:
 
 
 def search_settings(search_raw: dict[str, Any], *, source: Path) -> SearchSettings:
-    """A preset's ``search:`` section, type-checked key by key (ints accepted for floats)."""
-    fields = {f.name: f for f in dataclasses.fields(SearchSettings)}
-    for key, value in search_raw.items():
-        if key not in fields:
-            raise BiometryInputError(f"{source}: unknown key 'search.{key}'")
-        expected = type(getattr(SearchSettings(), key))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            search_raw[key] = float(value)
-        elif not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
-            raise BiometryInputError(f"{source}: 'search.{key}' must be {expected.__name__} but "
-                                     f"got {value!r}")
-    settings = SearchSettings(**search_raw)
+    """A preset's ``search:`` section, type-checked key by key (biometry.typed)."""
+    settings = from_mapping(SearchSettings, search_raw, source=str(source), section="search")
     settings.validate(str(source))
     return settings
 

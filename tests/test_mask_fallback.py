@@ -113,9 +113,9 @@ def test_a_changed_threshold_applies_and_a_bad_one_is_named():
     strict = predictor_for(close, head, spec_fallback=0.1,
                            settings=["mask_fallback.threshold=0.02"]).predict([image])[0]
     assert diameter_lengths(strict[0])[1] == pytest.approx(60, abs=1.5)
-    for bad in (-0.1, "often"):
-        with pytest.raises(BiometryInputError, match="step 'mask_fallback': 'threshold' must be "
-                                                     "a number >= 0"):
+    for bad, message in ((-0.1, "mask_fallback: 'threshold' must be a number >= 0"),
+                         ("often", "'mask_fallback.threshold' must be float but got str")):
+        with pytest.raises(BiometryInputError, match=message):
             with_settings(create_steps(model_steps(0.05)), [f"mask_fallback.threshold={bad}"])
 
 

@@ -42,7 +42,7 @@ def tiny_config(path, *, pairing="ordered", **train):
     ({"train": {"decode": "window"}}, "'train.decode' moved to inference.decode"),
     ({"loss": {"mask_weight": 0.1},
       "inference": {"postprocess": [{"step": "mask_fallback", "threshold": -0.5}]}},
-     "'inference.postprocess': step 'mask_fallback': 'threshold' must be a number >= 0"),
+     "'inference.postprocess': mask_fallback: 'threshold' must be a number >= 0"),
     ({"inference": {"postprocess": [{"step": "small_heads_by_mask"}]}},
      "step 'small_heads_by_mask' needs the model's mask channel"),
     ({"loss": {"mask_weight": 0.1}, "inference": {"sweep": {"mask_fallback.threshold": [0.1]}}},

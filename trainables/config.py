@@ -17,8 +17,6 @@ type or an out-of-range value raises :class:`BiometryInputError` naming the file
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from biometry.errors import BiometryInputError
 from biometry.losses import LossConfig
 from biometry.postprocess import check_needs, create_steps, list_steps
 from biometry.transforms import AugmentConfig
+from biometry.typed import from_mapping
 
 
 @dataclass
@@ -56,6 +55,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The trial's model: a registered architecture and its options. The registry checks them
+    (``biometry.models.check_model_options``): one set of rules for configs and models alike."""
+
     name: str = "unet"
     width: int = 16
     depth: int = 4
@@ -65,12 +67,14 @@ class ModelConfig:
     def validate(self) -> None:
         from biometry.models import list_models
 
+        from biometry.models import check_model_options
+
         _check(self.name in list_models(), "model.name",
                f"must be one of {', '.join(list_models())}", self.name)
-        _check(self.width >= 4, "model.width", "must be >= 4", self.width)
-        _check(self.depth >= 1, "model.depth", "must be >= 1", self.depth)
-        _check(self.output_stride in (1, 2, 4), "model.output_stride", "must be 1, 2 or 4",
-               self.output_stride)
+        try:
+            check_model_options(self.name, **self.kwargs())
+        except (ValueError, TypeError) as err:
+            raise BiometryInputError(f"model ({self.name}): {err}") from None
 
     def kwargs(self) -> dict[str, Any]:
         return {"width": self.width, "depth": self.depth, "output_stride": self.output_stride,
@@ -294,58 +298,13 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _section_from_dict(name: str, factory, values: Any, source: str):
+    if name == "train" and isinstance(values, dict):
+        moved = [key for key in values if key in MOVED_TRAIN_KEYS]
+        if moved:
+            raise BiometryInputError(f"{source}: 'train.{moved[0]}' moved to "
+                                     f"{MOVED_TRAIN_KEYS[moved[0]]}")
     default = factory()
-    if values is None:
-        return default
-    if not isinstance(values, dict):
-        raise BiometryInputError(f"{source}: '{name}' must be a mapping but got "
-                                 f"{type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(default)}
-    hints = typing.get_type_hints(type(default))
-    kwargs = {}
-    for key, value in values.items():
-        if name == "train" and key in MOVED_TRAIN_KEYS:
-            raise BiometryInputError(f"{source}: 'train.{key}' moved to "
-                                     f"{MOVED_TRAIN_KEYS[key]}")
-        if key not in fields:
-            raise BiometryInputError(f"{source}: unknown key '{name}.{key}'; known keys: "
-                                     f"{', '.join(fields)}")
-        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}", source)
-    try:
-        return dataclasses.replace(default, **kwargs)
-    except (ValueError, TypeError) as err:
-        raise BiometryInputError(f"{source}: {name}: {err}") from None
-
-
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Accept ints for floats and lists for tuples; refuse anything else of the wrong type."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise BiometryInputError(f"{source}: '{key}' must be finite but got {value}")
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint in (str, bool) and isinstance(value, hint):
-        return value
-    if origin in (tuple, list) and isinstance(value, (list, tuple)):
-        item = args[0] if args else Any
-        items = [_coerce(v, item, key, source) if item is not Any and item is not Ellipsis else v
-                 for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict and isinstance(value, dict):
-        return dict(value)
-    if hint is Any:
-        return value
-    expected = getattr(hint, "__name__", str(hint))
-    raise BiometryInputError(f"{source}: '{key}' must be {expected} but got "
-                             f"{type(value).__name__} {value!r}")
+    return from_mapping(type(default), values, source=source, section=name, base=default)
 
 
 def _check(ok: bool, key: str, requirement: str, value: Any) -> None:

@@ -12,8 +12,9 @@ from biometry.models import hrnet as _hrnet  # noqa: F401  (registers hrnet_comp
 from biometry.models import unet as _unet  # noqa: F401  (registers unet, unet_multihead)
 from biometry.models.ensemble import ENSEMBLE, ENSEMBLE_COMBINES, MeanOfModels, create_ensemble
 from biometry.models._registry import (
-    ModelConfig,
     ModelInfo,
+    ModelOptions,
+    check_model_options,
     count_parameters,
     create_model,
     list_models,
@@ -27,8 +28,9 @@ __all__ = [
     "ENSEMBLE_COMBINES",
     "MeanOfModels",
     "create_ensemble",
-    "ModelConfig",
     "ModelInfo",
+    "ModelOptions",
+    "check_model_options",
     "count_parameters",
     "create_model",
     "list_models",

@@ -87,7 +87,7 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelOptions:
     """Options every registered model accepts (architectures add their own fields).
 
     Attributes:
@@ -140,6 +140,14 @@ def split_mask(output: torch.Tensor, num_keypoints: int = 4) -> tuple[torch.Tens
         raise ValueError(f"model output must have {num_keypoints} heatmaps and at most one mask "
                          f"channel but got {output.shape[1]} channels.")
     return output[:, :num_keypoints], output[:, num_keypoints]
+
+
+def check_model_options(name: str, **kwargs: Any) -> None:
+    """Raise the registry's exact ``ValueError`` for an unknown ``name`` or a bad option, without
+    allocating weights (the model is built on the meta device): the one check of a model's
+    options, for configs as for ``create_model``."""
+    with torch.device("meta"):
+        create_model(name, **kwargs)
 
 
 def make_config(cls: type, model: str, kwargs: dict[str, Any]):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biometry.models._registry import ModelConfig, check_int, make_config, register_model
+from biometry.models._registry import ModelOptions, check_int, make_config, register_model
 from biometry.models.blocks import (
     BasicBlock,
     ConvNormAct,
@@ -32,8 +32,8 @@ from biometry.models.blocks import (
 
 
 @dataclass(frozen=True)
-class HRNetConfig(ModelConfig):
-    """``ModelConfig`` plus the HRNet options.
+class HRNetConfig(ModelOptions):
+    """``ModelOptions`` plus the HRNet options.
 
     Attributes:
         branches: parallel resolutions, 2 to 4 (default 3).

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biometry.models._registry import ModelConfig, check_positive, make_config, register_model
+from biometry.models._registry import ModelOptions, check_positive, make_config, register_model
 from biometry.models.blocks import (
     DoubleConv,
     check_input,
@@ -26,8 +26,8 @@ from biometry.models.blocks import (
 
 
 @dataclass(frozen=True)
-class UNetConfig(ModelConfig):
-    """``ModelConfig`` plus ``decoder_width``: each decoder's channels at level ``i`` are
+class UNetConfig(ModelOptions):
+    """``ModelOptions`` plus ``decoder_width``: each decoder's channels at level ``i`` are
     ``round(decoder_width * width * 2**i)`` (at least 1). The default 0.5 is the bilinear UNet's
     (the decoder at level ``i`` has the channels of encoder level ``i - 1``)."""
 
