@@ -4,8 +4,8 @@
 
 For a model trained with ``loss.mask_weight`` (a ``mask_head`` channel), each image of the model's
 own subject split is measured twice: by the landmarks (``LandmarkPredictor.predict``, the path
-``evaluate`` uses, second looks included; given no pixel sizes, so ``mask_small_head_mm`` does
-not turn small heads into the mask's measurement) and by an ellipse fitted (OpenCV) to the mask channel of
+``evaluate`` uses, second looks included, the ``small_heads_by_mask`` step removed so that small
+heads are not turned into the mask's measurement) and by an ellipse fitted (OpenCV) to the mask channel of
 the first look, its axes taken as OFD and BPD. A hybrid keeps the landmarks unless the two HCs
 disagree by more than a fraction ``t`` of the mask's, and then takes the mask's ellipse (the first
 look's mask only; ``LandmarkPredictor``'s fallback also asks a second look's mask to agree, see
@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine_info  # noqa: E402
 from biometry.evaluation import select_split  # noqa: E402
-from biometry.inference import LandmarkPredictor, mask_ellipse_landmarks  # noqa: E402
+from biometry.inference import LandmarkPredictor, load_model_folder, mask_ellipse_landmarks  # noqa: E402,E501
+from biometry.postprocess import with_settings  # noqa: E402
 from biometry.io import import_dataset, read_grayscale  # noqa: E402
 from biometry.metrics import measurements_mm, per_image_errors  # noqa: E402
 from biometry.models import split_mask  # noqa: E402
@@ -77,7 +78,9 @@ def main() -> int:
     p.add_argument("--name", default=None, help="results name (default: the model folder's parent)")
     args = p.parse_args()
 
-    predictor = LandmarkPredictor.from_folder(args.model)
+    model, spec = load_model_folder(args.model)
+    predictor = LandmarkPredictor(model, spec, postprocess=with_settings(
+        spec.steps(), ["small_heads_by_mask=off"]))
     all_records = import_dataset(args.data).records
     results = {}
     for split in args.splits:
