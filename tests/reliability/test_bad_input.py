@@ -284,12 +284,21 @@ case("evaluate-model-bad-kwargs", ["model.yaml", "colour"],
 case("evaluate-model-unknown-key", ["model.yaml", "unknown key 'learning_rate'"],
      lambda d, fx: [*BIOMETRY, "evaluate", "--model", model_copy(d, fx, learning_rate=0.1),
                     "--data", fx.dataset_csv, "--out", out(d)])
-case("evaluate-model-bad-small-head-limit", ["model.yaml", "'mask_small_head_mm' must be empty"],
-     lambda d, fx: [*BIOMETRY, "evaluate", "--model", model_copy(d, fx, mask_small_head_mm=-5),
+case("evaluate-model-bad-step-option", ["model.yaml", "second_look", "'low' <= 'target' <= 'high'"],
+     lambda d, fx: [*BIOMETRY, "evaluate", "--model", model_copy(d, fx, postprocess=[
+         {"step": "second_look", "quantile": None, "low": 50, "high": 40, "target": 45}]),
                     "--data", fx.dataset_csv, "--out", out(d)])
-case("evaluate-bad-mask-small-heads", ["--mask-small-heads must be a number > 0"],
-     lambda d, fx: [*BIOMETRY, "evaluate", "--model", fx.model_folder, "--mask-small-heads",
-                    "tiny", "--data", fx.dataset_csv, "--out", out(d)])
+case("evaluate-model-mask-step-without-mask", ["model.yaml", "step 'mask_fallback' needs the "
+                                               "model's mask channel"],
+     lambda d, fx: [*BIOMETRY, "evaluate", "--model", model_copy(d, fx, postprocess=[
+         {"step": "mask_fallback", "threshold": 0.05}]),
+                    "--data", fx.dataset_csv, "--out", out(d)])
+case("evaluate-bad-set", ["--set", "unknown step 'nope'"],
+     lambda d, fx: [*BIOMETRY, "evaluate", "--model", fx.model_folder, "--set", "nope.x=1",
+                    "--data", fx.dataset_csv, "--out", out(d)])
+case("evaluate-postprocess-file-missing", ["steps.yaml", "not found"],
+     lambda d, fx: [*BIOMETRY, "evaluate", "--model", fx.model_folder, "--postprocess",
+                    d / "steps.yaml", "--data", fx.dataset_csv, "--out", out(d)])
 case("evaluate-model-wrong-shape", ["model.pt", "do not match"],
      lambda d, fx: [*BIOMETRY, "evaluate", "--model",
                     model_copy(d, fx, model_kwargs={"width": 16, "depth": 3, "output_stride": 2}),
