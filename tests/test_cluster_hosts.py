@@ -262,11 +262,21 @@ def write_preset(path: Path) -> Path:
 
 def start_search(network: Network, head: Host, argv: list[str], *, env: dict, log: Path):
     """The driver on the head host, as `ray job submit` would run it there."""
-    full_env = {**network.environment(head), **env, "RAY_ADDRESS": f"{head.ip}:6379"}
+    # a loaded 2-core machine: give the MLflow server more than the driver's default 10 s
+    full_env = {**network.environment(head), **env, "RAY_ADDRESS": f"{head.ip}:6379",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "60", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
     with open(log, "w") as out:
         return subprocess.Popen(head.command([sys.executable, "search/run.py", *argv]), cwd=REPO,
                                 env=full_env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
+
+
+def mlflow_answers(network: Network, host: Host, uri: str) -> bool:
+    """Whether MLflow's /health answers from inside ``host`` (its network is up)."""
+    probe = f"import urllib.request; urllib.request.urlopen('{uri}/health', timeout=10).read()"
+    proc = subprocess.run(host.command([sys.executable, "-c", probe]), env=network.environment(host),
+                          capture_output=True, timeout=60)
+    return proc.returncode == 0
 
 
 def results(client, name: str) -> dict[str, list[dict]]:
@@ -390,6 +400,8 @@ def test_lost_head_resumes_from_s3_with_no_trial_or_run_twice(network, s3, mlflo
 
     head = start_head(network, s3["env"])
     worker = start_gpu_worker(network, head, s3["env"])
+    wait_for(lambda: mlflow_answers(network, head, mlflow_uri), timeout=120,
+             what="MLflow answering the new head")
     log = root / f"{name}-resume.log"
     driver = start_search(network, head, [*argv, "--resume"], env=s3["env"], log=log)
     try:
