@@ -33,7 +33,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from biometry.checks import SwapReport, detect_swapped_semantics
+from biometry.checks import SwapReport, cut_off_heads, detect_swapped_semantics
 from biometry.geometry import diameter_lengths
 from biometry.records import LANDMARK_NAMES, LandmarkRecord
 
@@ -403,6 +403,7 @@ def run_eda(records: Sequence[LandmarkRecord], out_dir: str | Path, *, source: s
         "swap": {**_swap_section(swap), "fixed": swap_report is not None and swap.majority_swapped,
                  "bpd_longer_than_ofd": [fit.names[i] for i in np.flatnonzero(bpd_px > ofd_px)]},
         "outliers": _outliers_section(fit, table, n_flagged=len(flagged), top=top),
+        "outside_image": cut_off_heads(records),
         "skipped": [{"item": item, "reason": reason} for item, reason in skipped],
         "files": {"report": str(out / "report.md"), "outliers": str(out / "outliers.csv"),
                   "plots": [str(out / f"{name}.png") for name in PLOTS]},
@@ -612,6 +613,17 @@ def _swap_text(s: dict) -> str:
     return text
 
 
+def _outside_text(section: dict, *, listed: int = 20) -> str:
+    images = section["images"]
+    text = (f"{section['n']} images with a landmark outside the image, kept (up to "
+            f"{section['margin_frac']:.0%} of its size)")
+    if images:
+        text += ": " + ", ".join(f"`{e['image']}` ({', '.join(e['landmarks'])}, "
+                                 f"{e['max_outside_px']:g} px)" for e in images[:listed])
+        text += " ..." if len(images) > listed else ""
+    return text + "."
+
+
 def _markdown(report: dict, table: list[OutlierRow], top: int) -> str:
     m, o, s, i = report["measurements"], report["outliers"], report["swap"], report["intensity"]
 
@@ -629,6 +641,7 @@ def _markdown(report: dict, table: list[OutlierRow], top: int) -> str:
         f"- pixel spacing: {stat(report['pixel_mm'], '{:.4f}')} mm",
         f"- swap check: {swap_text}",
         f"- outliers: {o['n_flagged']} of {report['n_images']} above the cutoff {o['cutoff']:.2f}",
+        f"- heads cut by the frame: {_outside_text(report['outside_image'])}",
         f"- skipped on import: {len(report['skipped'])}",
         "",
         "## Counts and sizes",

@@ -15,7 +15,7 @@ from biometry.checks import swap_pairs
 from biometry.commands import eda as eda_command
 from biometry.geometry import ellipse_landmarks
 from biometry.io import load_records, write_landmark_csv
-from biometry.records import LandmarkRecord
+from biometry.records import LANDMARK_NAMES, LandmarkRecord
 
 N_ROWS = 100
 HEAD = ellipse_landmarks((200, 150), (160, 120), 20)  # OFD 160 px, BPD 120 px
@@ -272,3 +272,22 @@ def test_density_order_is_the_trainers_order(hc18_100):
 
     lm = np.array([r.landmarks for r in hc18_100])
     np.testing.assert_array_equal(eda.order_pairs(lm), Orientation.fit(lm).apply(lm))
+
+
+def test_heads_cut_by_the_frame_are_listed(hc18_100, tmp_path, capsys):
+    """A head moved up until its top landmark is 1.5 px above the image: kept, and named in the
+    report and in eda.json."""
+    records = list(hc18_100[:20])
+    lm = records[3].landmarks
+    records[3] = dataclasses.replace(records[3], landmarks=lm - [0, lm[:, 1].min() + 2])
+    top = LANDMARK_NAMES[int(np.argmin(records[3].landmarks[:, 1]))]
+    path = write_landmark_csv(records, tmp_path / "cut" / "landmarks.csv", link_images=True)
+    with open(path, newline="") as f:
+        name = list(csv.DictReader(f))[3]["image"]
+    assert eda_cli(path, "--out", tmp_path / "out", "--top", 0) == 0
+    assert "landmarks outside the image (kept): 1 images" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "eda.json").read_text())
+    assert summary["outside_image"] == {"n": 1, "margin_frac": 0.1, "images": [
+        {"image": name, "landmarks": [top], "max_outside_px": 1.5}]}
+    assert (f"- heads cut by the frame: 1 images with a landmark outside the image, kept (up to "
+            f"10% of its size): `{name}` ({top}, 1.5 px).") in (tmp_path / "out" / "report.md").read_text()

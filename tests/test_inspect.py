@@ -35,6 +35,7 @@ def test_inspect_all_of_hc18(hc18_inspected, hc18_dir):
     assert hc["n"] == 592 and hc["mean_abs_diff_mm"] < 0.1 and hc["max_abs_diff_mm"] < 0.2
     assert report["swap"] == {"n_rows": 592, "n_swapped": 0, "majority_swapped": False, "fixed": False}
     assert report["flagged"] == [] and report["skipped"] == []
+    assert report["outside_image"] == {"n": 0, "margin_frac": 0.1, "images": []}
     assert len(report["overlays"]) == 8
     with open(hc18_inspected / "landmarks.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -69,6 +70,28 @@ def test_inspect_of_its_own_output_gives_the_same_landmarks(hc18_inspected, tmp_
 def data(synthetic_csv, tmp_path):
     shutil.copytree(synthetic_csv.parent, tmp_path / "data")
     return tmp_path / "data" / "landmarks.csv"
+
+
+def set_cell(path, row: int, column: str, value: str) -> None:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[row - 1][column] = value
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_a_head_cut_by_the_frame_is_kept_and_listed(data, tmp_path, capsys):
+    set_cell(data, 1, "bpd_x1", "-3")  # 2.5 px left of the image's edge at -0.5
+    out = tmp_path / "out"
+    assert inspect_cli(data, "--out", out, "--overlays", "0") == 0
+    report = json.loads((out / "inspect.json").read_text())
+    assert report["outside_image"] == {"n": 1, "margin_frac": 0.1, "images": [
+        {"image": "000_HC.png", "landmarks": ["bpd1"], "max_outside_px": 2.5}]}
+    assert ("landmarks outside the image (kept, up to 10% of its size): 1 images: 000_HC.png"
+            in capsys.readouterr().out)
+    assert load_records(out / "landmarks.csv")[0].landmarks[0, 0] == -3
 
 
 def test_bad_input_raises_and_writes_nothing(data, tmp_path):

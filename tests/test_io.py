@@ -21,7 +21,7 @@ from biometry.io import (
     write_synthetic_dataset,
 )
 from biometry.io.hc18 import HC18_CSV, MASK_AXIS_EXCESS_PX
-from biometry.io.landmark_csv import default_subject
+from biometry.io.landmark_csv import COORD_COLUMNS, default_subject
 
 
 @pytest.fixture(scope="module")
@@ -270,8 +270,10 @@ CSV_CASES = {  # (row, column, new value) -> parts of the message
     "nan coordinate": ((3, "bpd_x1", "nan"), ["row 3 (001_HC.png)", "column 'bpd_x1' is nan"]),
     "empty coordinate": ((2, "ofd_y1", ""), ["row 2", "column 'ofd_y1' is not a number: ''"]),
     "text coordinate": ((2, "ofd_y1", "abc"), ["row 2", "column 'ofd_y1' is not a number: 'abc'"]),
-    "outside the image": ((2, "ofd_x2", "400"), ["row 2", "'ofd_x2' = 400 is outside the 400x270 image"]),
-    "negative coordinate": ((1, "bpd_y1", "-3"), ["row 1", "'bpd_y1' = -3 is outside"]),
+    "beyond the margin": ((2, "ofd_x2", "440"), ["row 2", "'ofd_x2' = 440 is outside the 400x270 "
+                                                 "image by more than 40 px (10% of its width)"]),
+    "negative beyond the margin": ((1, "bpd_y1", "-28"), ["row 1", "'bpd_y1' = -28 is outside the "
+                                                          "400x270 image by more than 27 px (10% of its height)"]),
     "zero spacing": ((4, "pixel_mm", "0"), ["row 4", "column 'pixel_mm' must be > 0, got 0"]),
     "negative spacing": ((4, "pixel_mm", "-0.3"), ["row 4", "column 'pixel_mm' must be > 0, got -0.3"]),
     "bad hc": ((5, "hc_mm", "x"), ["row 5", "column 'hc_mm' is not a number"]),
@@ -418,13 +420,39 @@ def test_skip_bad_items_of_an_hc18_folder(hc18_copy, capsys):
     assert f"warning: {hc18_copy}: skipped 2 of 6 items" in err
 
 
-def test_mask_ellipse_leaving_the_image(hc18_copy):
+def test_mask_ellipse_leaving_the_image_beyond_the_margin(hc18_copy):
     mask = np.zeros((540, 800), np.uint8)
-    cv2.ellipse(mask, ((20.0, 270.0), (200.0, 150.0), 0.0), 255, thickness=-1)
+    cv2.ellipse(mask, ((10.0, 270.0), (200.0, 150.0), 0.0), 255, thickness=-1)
     cv2.imwrite(str(hc18_copy / "training_set" / "001_HC_Mask.png"), mask)
     with pytest.raises(BiometryInputError, match=r"001_HC_Mask\.png: the ellipse's ofd1 endpoint "
-                                                 r"\(-79\.9, 269\.9\) is outside the 800x540 image"):
+                                                 r"\(-9\d\.\d, 269\.\d\) is outside the 800x540 image "
+                                                 r"by more than 80 px \(10% of its width\)"):
         load_records(hc18_copy)
+
+
+def test_mask_ellipse_cut_by_the_frame_is_kept(hc18_copy):
+    """A head the top of the frame cuts (as HC18's 346_HC): its endpoint a few pixels above the
+    image is a measurement, kept as fitted."""
+    mask = np.zeros((540, 800), np.uint8)
+    cv2.ellipse(mask, ((400.0, 140.0), (300.0, 160.0), 90.0), 255, thickness=-1)  # top at y = -10
+    cv2.imwrite(str(hc18_copy / "training_set" / "001_HC_Mask.png"), mask)
+    record = {r.name: r for r in load_records(hc18_copy)}["001_HC.png"]
+    top = record.landmarks[:, 1].min()
+    assert -12 < top < -8 and record.landmarks[:, 1].max() > 285
+
+
+@pytest.mark.parametrize("column, value, accepted", [
+    ("ofd_x2", 439.4, True), ("ofd_x2", 439.6, False),  # 400 px wide: up to 399.5 + 40
+    ("ofd_y1", -27.4, True), ("ofd_y1", -27.6, False),  # 270 px high: down to -0.5 - 27
+])
+def test_csv_landmark_just_inside_the_margin_is_kept_beyond_it_refused(csv_copy, column, value,
+                                                                      accepted):
+    edit_csv(csv_copy, row=2, column=column, value=str(value))
+    if accepted:
+        assert load_records(csv_copy)[1].landmarks.ravel()[COORD_COLUMNS.index(column)] == value
+    else:
+        with pytest.raises(BiometryInputError, match=rf"row 2 .*'{column}' = {value} is outside"):
+            load_records(csv_copy)
 
 
 def test_a_file_that_is_not_a_csv(tmp_path, hc18_dir):

@@ -44,6 +44,7 @@ def summary_text(report: dict, out: Path, *, seconds: tuple[float, float]) -> st
         + (" (columns swapped back)" if swap["fixed"] else "")
         + (f"; after import: {len(swap['bpd_longer_than_ofd'])}" if swap["bpd_longer_than_ofd"]
            else ""),
+        f"landmarks outside the image (kept): {report['outside_image']['n']} images",
         f"outliers: {outliers['n_flagged']} above the cutoff {outliers['cutoff']:.2f}; "
         f"top {len(top5)}:",
         *(f"  {float(row['score']):8.2f}  {row['image']}  {row['reasons']}".rstrip()

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from biometry.checks import implausible_rows
+from biometry.checks import cut_off_heads, implausible_rows
 from biometry.commands._arguments import add_data_out_skip
 from biometry.geometry import diameter_lengths, ellipse_perimeter
 from biometry.io import ImportResult, import_dataset, read_grayscale, write_landmark_csv
@@ -70,6 +70,7 @@ def build_report(result: ImportResult, flagged: list[tuple[str, list[str]]]) -> 
             "majority_swapped": swap.majority_swapped,
             "fixed": swap.majority_swapped,
         },
+        "outside_image": cut_off_heads(records),
         "flagged": [{"image": name, "reasons": reasons} for name, reasons in flagged],
         "skipped": [{"item": item, "reason": reason} for item, reason in result.skipped],
     }
@@ -140,9 +141,20 @@ def summary_text(report: dict, out: Path) -> str:
     swap = report["swap"]
     lines.append(f"BPD longer than OFD in {swap['n_swapped']} of {swap['n_rows']} rows"
                  + (" (columns swapped back)" if swap["fixed"] else ""))
+    lines.append(outside_image_text(report["outside_image"]))
     lines.append(f"flagged: {len(report['flagged'])}, skipped: {len(report['skipped'])}")
     lines.append(f"wrote {out / 'landmarks.csv'}, {out / 'inspect.json'}, {len(report['overlays'])} overlays")
     return "\n".join(lines)
+
+
+def outside_image_text(section: dict, *, listed: int = 5) -> str:
+    """One line: how many heads cross the frame, and the first ``listed`` of them."""
+    images = [entry["image"] for entry in section["images"]]
+    text = (f"landmarks outside the image (kept, up to {section['margin_frac']:.0%} of its size): "
+            f"{section['n']} images")
+    if images:
+        text += ": " + ", ".join(images[:listed]) + (" ..." if len(images) > listed else "")
+    return text
 
 
 def _stats(values: np.ndarray) -> dict:

@@ -38,7 +38,9 @@ import numpy as np
 from biometry.errors import BiometryInputError
 from biometry.geometry import ellipse_landmarks
 from biometry.io.images import read_grayscale
-from biometry.io.landmark_csv import collect, default_subject, outside_image, read_csv_rows
+from biometry.io.landmark_csv import (
+    OUTSIDE_MARGIN_FRAC, beyond_margin_text, collect, default_subject, outside_image, read_csv_rows,
+)
 from biometry.records import LANDMARK_NAMES, LandmarkRecord
 
 HC18_CSV = "training_set_pixel_size_and_HC.csv"
@@ -126,12 +128,12 @@ def _load_item(folder: Path, row_no: int, filename: str, pixel_mm: float, hc_mm:
                 f"{shape[1]}x{shape[0]}"
             )
         landmarks = fit_label_ellipse(label, source=label_path).landmarks()
-        bad = outside_image(landmarks, shape)
+        bad = outside_image(landmarks, shape, margin_frac=OUTSIDE_MARGIN_FRAC)
         if bad is not None:
             x, y = landmarks[bad // 2]
             raise BiometryInputError(
                 f"{label_path}: the ellipse's {LANDMARK_NAMES[bad // 2]} endpoint ({x:.1f}, {y:.1f}) "
-                f"is outside the {shape[1]}x{shape[0]} image"
+                f"is {beyond_margin_text(bad, shape)}"
             )
         return LandmarkRecord(
             image=image_path.resolve(),

@@ -1,8 +1,10 @@
 """The landmark CSV: ``image,pixel_mm,bpd_x1,...,ofd_y2`` and optionally ``subject,hc_mm``.
 
 ``image`` is relative to the CSV's folder and must stay inside it; coordinates are original image
-pixels (x right, y down, pixel centres at integers), so they lie in ``[-0.5, W - 0.5]`` and
-``[-0.5, H - 0.5]``.
+pixels (x right, y down, pixel centres at integers), so the image spans ``[-0.5, W - 0.5]`` x
+``[-0.5, H - 0.5]``. A landmark may lie outside it by up to
+:data:`biometry.checks.OUTSIDE_MARGIN_FRAC` of the image's size (a head cut by the frame); further
+out, the row is refused.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from biometry.checks import OUTSIDE_MARGIN_FRAC
 from biometry.errors import BiometryInputError
 from biometry.io.images import link_or_copy, read_grayscale
 from biometry.records import LandmarkRecord
@@ -97,14 +100,26 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, rows
 
 
-def outside_image(landmarks: np.ndarray, image_size: tuple[int, int]) -> int | None:
+def outside_image(landmarks: np.ndarray, image_size: tuple[int, int], *,
+                  margin_frac: float = 0.0) -> int | None:
     """Index into ``landmarks.ravel()`` of the first coordinate outside the image (pixel centres at
-    integers, so the image spans [-0.5, W - 0.5] x [-0.5, H - 0.5]), or None."""
+    integers, so the image spans [-0.5, W - 0.5] x [-0.5, H - 0.5]) widened on every side by
+    ``margin_frac`` of its width (x) and height (y), or None."""
     height, width = image_size
     flat = np.asarray(landmarks, dtype=float).ravel()
-    limits = np.tile([width - 0.5, height - 0.5], len(flat) // 2)
-    bad = np.flatnonzero(~((flat >= -0.5) & (flat <= limits)))
+    margins = np.tile([margin_frac * width, margin_frac * height], len(flat) // 2)
+    limits = np.tile([width - 0.5, height - 0.5], len(flat) // 2) + margins
+    bad = np.flatnonzero(~((flat >= -0.5 - margins) & (flat <= limits)))
     return int(bad[0]) if bad.size else None
+
+
+def beyond_margin_text(index: int, image_size: tuple[int, int]) -> str:
+    """``"outside the WxH image by more than M px (10% of its width)"`` for coordinate ``index`` of
+    ``landmarks.ravel()`` (even: x, odd: y)."""
+    height, width = image_size
+    side, size = ("width", width) if index % 2 == 0 else ("height", height)
+    return (f"outside the {width}x{height} image by more than {OUTSIDE_MARGIN_FRAC * size:g} px "
+            f"({OUTSIDE_MARGIN_FRAC:.0%} of its {side})")
 
 
 def _parse_row(row: dict[str, str], *, row_no: int, csv_path: Path, folder: Path) -> LandmarkRecord:
@@ -126,12 +141,10 @@ def _parse_row(row: dict[str, str], *, row_no: int, csv_path: Path, folder: Path
         height, width = read_grayscale(image_path).shape
     except BiometryInputError as err:
         raise BiometryInputError(f"{where}: {err}") from None
-    bad = outside_image(coords, (height, width))
+    bad = outside_image(coords, (height, width), margin_frac=OUTSIDE_MARGIN_FRAC)
     if bad is not None:
-        raise BiometryInputError(
-            f"{where}: column '{COORD_COLUMNS[bad]}' = {coords.ravel()[bad]:g} is outside the "
-            f"{width}x{height} image"
-        )
+        raise BiometryInputError(f"{where}: column '{COORD_COLUMNS[bad]}' = "
+                                 f"{coords.ravel()[bad]:g} is {beyond_margin_text(bad, (height, width))}")
     return LandmarkRecord(
         image=image_path,
         landmarks=coords,

@@ -82,7 +82,7 @@ def data_nan(d: Path, fx: Fixtures) -> Path:
 
 def data_outside(d: Path, fx: Fixtures) -> Path:
     csv = copy_dataset(fx.dataset_csv, d / "data")
-    edit_csv_cell(csv, 3, "ofd_x2", "401.5")  # the images are 400 px wide
+    edit_csv_cell(csv, 3, "ofd_x2", "460")  # the images are 400 px wide: 40 px of margin
     return csv
 
 
