@@ -1,4 +1,4 @@
-"""``python -m biometry COMMAND``: inspect, eda, evaluate, predict.
+"""``python -m biometry COMMAND``: inspect, eda, evaluate, predict, export.
 
 Each command lives in ``biometry/commands/<name>.py`` with ``add_arguments(parser)`` and
 ``run(args) -> int``. Bad input raises :class:`BiometryInputError`; it is printed as one line on
@@ -17,6 +17,7 @@ COMMANDS = {
     "eda": "data-quality report and outliers.csv",
     "evaluate": "predictions and metrics of a model on labelled data",
     "predict": "predictions of a model on unlabelled images",
+    "export": "the model's network as ONNX, in a model folder that evaluate and predict run",
 }
 
 

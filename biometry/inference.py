@@ -22,6 +22,7 @@ from biometry.codec import DECODES, PAIRINGS, WINDOW_SIGMAS, HeatmapCodec
 from biometry.errors import BiometryInputError
 from biometry.geometry import ellipse_landmarks
 from biometry.models import ENSEMBLE, ENSEMBLE_COMBINES, MeanOfModels, create_ensemble, create_model, split_mask
+from biometry.onnx_model import holds_onnx_network, load_onnx_network
 from biometry.postprocess import (
     ImageLook,
     Prediction,
@@ -176,9 +177,12 @@ def _from_legacy(raw: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def load_model_folder(folder: str | Path, *, device: str | torch.device = "cpu"):
-    """Rebuild the model from ``model.yaml`` and load ``model.pt`` with ``weights_only=True``."""
+    """Rebuild the model from ``model.yaml`` and load ``model.pt`` with ``weights_only=True``;
+    an exported folder (ONNX files instead of ``model.pt``) runs through onnxruntime."""
     folder = Path(folder)
     spec = load_model_spec(folder)
+    if holds_onnx_network(folder):
+        return load_onnx_network(folder, spec, device=device), spec
     weights = folder / "model.pt"
     if not weights.is_file():
         raise BiometryInputError(f"{weights}: not found")
