@@ -32,12 +32,14 @@ class SwapReport:
         n_swapped: rows with BPD longer than OFD.
         swapped_mask: bool array (n_rows,), True where swapped.
         majority_swapped: more than half of the rows are swapped (the columns look exchanged).
+        swapped_rows: labels of the swapped rows (set by :func:`fix_swapped_semantics`).
     """
 
     n_rows: int
     n_swapped: int
     swapped_mask: np.ndarray
     majority_swapped: bool
+    swapped_rows: tuple[str, ...] = ()
 
 
 def detect_swapped_semantics(landmarks: np.ndarray) -> SwapReport:
@@ -61,25 +63,36 @@ def swap_pairs(landmarks: np.ndarray) -> np.ndarray:
 
 
 def fix_swapped_semantics(
-    records: Sequence[LandmarkRecord], source: str
+    records: Sequence[LandmarkRecord], source: str, *, rows: Sequence[str] | None = None
 ) -> tuple[list[LandmarkRecord], SwapReport]:
-    """Exchange the BPD and OFD of every record when most rows have BPD longer than OFD.
+    """Exchange the BPD and OFD of every record whose BPD is longer than its OFD: BPD is the
+    shorter diameter by definition, so such a row is never trained on as it is.
 
-    Prints one warning line on stderr naming ``source`` when it does. Rows swapped on their own
-    (a minority) are left as they are: :func:`implausible_rows` lists them. Returns the records
-    (fixed or not) and the report on the records as given.
+    Prints one warning line on stderr naming ``source``: when most rows are swapped, that the
+    columns look exchanged; otherwise the rows fixed, by ``rows`` (a label per record such as
+    ``"row 3 (a.png)"``; default: the record names). Returns the records and the report on the
+    records as given, its ``swapped_rows`` holding the labels of the fixed rows.
     """
     records = list(records)
     report = detect_swapped_semantics(np.array([r.landmarks for r in records]).reshape(-1, 4, 2))
-    if not report.majority_swapped:
+    if not report.n_swapped:
         return records, report
-    print(
-        f"warning: {source}: {report.n_swapped} of {report.n_rows} rows have BPD longer than OFD: "
-        "the BPD and OFD columns look swapped; using them swapped",
-        file=sys.stderr,
-    )
-    fixed = [dataclasses.replace(r, landmarks=swap_pairs(r.landmarks)) for r in records]
+    labels = list(rows) if rows is not None else [r.name for r in records]
+    report = dataclasses.replace(report, swapped_rows=tuple(
+        label for label, swapped in zip(labels, report.swapped_mask) if swapped))
+    print(f"warning: {source}: {_swap_warning(report)}", file=sys.stderr)
+    fixed = [dataclasses.replace(r, landmarks=swap_pairs(r.landmarks)) if swapped else r
+             for r, swapped in zip(records, report.swapped_mask)]
     return fixed, report
+
+
+def _swap_warning(report: SwapReport, *, listed: int = 10) -> str:
+    if report.majority_swapped:
+        return (f"{report.n_swapped} of {report.n_rows} rows have BPD longer than OFD: the BPD and "
+                "OFD columns look swapped; using them swapped")
+    named = ", ".join(report.swapped_rows[:listed]) + (" ..." if report.n_swapped > listed else "")
+    return (f"BPD longer than OFD in {report.n_swapped} of {report.n_rows} rows, each fixed by "
+            f"exchanging its BPD and OFD (BPD is the shorter by definition): {named}")
 
 
 def implausible_rows(

@@ -400,7 +400,7 @@ def run_eda(records: Sequence[LandmarkRecord], out_dir: str | Path, *, source: s
             "angle_deg": _stats(angle),
             "centre_offset_frac": _stats(offset),
         },
-        "swap": {**_swap_section(swap), "fixed": swap_report is not None and swap.majority_swapped,
+        "swap": {**_swap_section(swap), "fixed": swap_report is not None and swap.n_swapped > 0,
                  "bpd_longer_than_ofd": [fit.names[i] for i in np.flatnonzero(bpd_px > ofd_px)]},
         "outliers": _outliers_section(fit, table, n_flagged=len(flagged), top=top),
         "outside_image": cut_off_heads(records),
@@ -439,7 +439,8 @@ def _intensity_section(names: Sequence[str], images: dict) -> dict:
 
 def _swap_section(swap: SwapReport) -> dict:
     return {"n_rows": swap.n_rows, "n_swapped": swap.n_swapped,
-            "majority_swapped": swap.majority_swapped}
+            "majority_swapped": swap.majority_swapped,
+            "fixed_rows": [] if swap.majority_swapped else list(swap.swapped_rows)}
 
 
 def _outliers_section(fit, table: Sequence[OutlierRow], *, n_flagged: int, top: int) -> dict:
@@ -601,9 +602,14 @@ class _Plots:
 
 
 def _swap_text(s: dict) -> str:
-    if s["fixed"]:
+    if s["fixed"] and s["majority_swapped"]:
         text = (f"{s['n_swapped']} of {s['n_rows']} rows had BPD longer than OFD: the columns "
                 "looked exchanged and were swapped back on import.")
+    elif s["fixed"]:
+        text = (f"{s['n_swapped']} of {s['n_rows']} rows had BPD longer than OFD; each was fixed "
+                "on import by exchanging its BPD and OFD (BPD is the shorter by definition): "
+                + ", ".join(f"`{r}`" for r in s["fixed_rows"][:20])
+                + (" ..." if len(s["fixed_rows"]) > 20 else "") + ".")
     else:
         text = f"{s['n_swapped']} of {s['n_rows']} rows have BPD longer than OFD."
     if s["bpd_longer_than_ofd"]:

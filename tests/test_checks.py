@@ -32,19 +32,24 @@ def test_detect_swapped_semantics():
     assert (half.n_swapped, half.majority_swapped) == (1, False)
 
 
-def test_fix_prints_one_line_only_for_a_majority(capsys):
+def test_fix_says_columns_for_a_majority_and_names_the_rows_of_a_minority(capsys):
     records = [record(swap_pairs(HEAD), f"{i}.png") for i in range(4)] + [record(HEAD, "ok.png")]
     fixed, report = fix_swapped_semantics(records, "data.csv")
     assert capsys.readouterr().err == (
         "warning: data.csv: 4 of 5 rows have BPD longer than OFD: the BPD and OFD columns look "
         "swapped; using them swapped\n")
     assert report.n_swapped == 4
-    assert all(np.array_equal(r.landmarks, HEAD) for r in fixed[:4])
-    assert np.array_equal(fixed[4].landmarks, swap_pairs(HEAD))
+    assert all(np.array_equal(r.landmarks, HEAD) for r in fixed)  # the right row stays right
 
-    kept, report = fix_swapped_semantics(records[3:], "data.csv")
-    assert capsys.readouterr().err == ""
-    assert kept == records[3:] and report.n_swapped == 1
+    fixed, report = fix_swapped_semantics(records[3:], "data.csv", rows=["row 4 (3.png)", "row 5 (ok.png)"])
+    assert capsys.readouterr().err == (
+        "warning: data.csv: BPD longer than OFD in 1 of 2 rows, each fixed by exchanging its BPD "
+        "and OFD (BPD is the shorter by definition): row 4 (3.png)\n")
+    assert all(np.array_equal(r.landmarks, HEAD) for r in fixed)
+    assert report.n_swapped == 1 and report.swapped_rows == ("row 4 (3.png)",)
+
+    kept, report = fix_swapped_semantics(records[4:], "data.csv")
+    assert capsys.readouterr().err == "" and kept == records[4:] and report.n_swapped == 0
 
 
 def swapped_header(path):
@@ -69,14 +74,27 @@ def test_swapped_copy_of_hc18_is_fixed_with_one_warning(hc18_records, tmp_path, 
     assert implausible_rows(result.records) == []
 
 
-def test_a_single_swapped_row_is_listed_not_fixed(tmp_path, capsys, synthetic_csv):
+def test_a_partly_swapped_csv_has_each_swapped_row_fixed_and_named(tmp_path, capsys, synthetic_csv):
+    """10 of 120 rows with BPD and OFD exchanged, the rest right: each of the 10 is fixed, and
+    one warning line names the file and the rows."""
     records = load_records(synthetic_csv)
-    records[5] = dataclasses.replace(records[5], landmarks=swap_pairs(records[5].landmarks))
-    csv_path = write_landmark_csv(records, tmp_path / "landmarks.csv", link_images=True)
-    again = load_records(csv_path)
-    assert "warning" not in capsys.readouterr().err
-    assert again[5].landmarks == pytest.approx(records[5].landmarks, abs=1e-4)
-    assert implausible_rows(again) == [(again[5].name, ["bpd longer than ofd"])]
+    records = (records * (120 // len(records) + 1))[:120]
+    records = [dataclasses.replace(r, name=f"{i:03d}_{r.name}") for i, r in enumerate(records)]
+    swapped = list(range(3, 120, 12))[:10]
+    given = [dataclasses.replace(r, landmarks=swap_pairs(r.landmarks)) if i in swapped else r
+             for i, r in enumerate(records)]
+    csv_path = write_landmark_csv(given, tmp_path / "landmarks.csv", link_images=True)
+    capsys.readouterr()
+    result = import_dataset(csv_path)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    names = [f"row {i + 1} (images/{records[i].name})" for i in swapped]
+    assert err == [f"warning: {csv_path}: BPD longer than OFD in 10 of 120 rows, each fixed by "
+                   "exchanging its BPD and OFD (BPD is the shorter by definition): "
+                   + ", ".join(names)]
+    assert result.swap.swapped_rows == tuple(names) and not result.swap.majority_swapped
+    fixed = np.array([r.landmarks for r in result.records])
+    assert fixed == pytest.approx(np.array([r.landmarks for r in records]), abs=1e-4)
+    assert implausible_rows(result.records) == []
 
 
 def test_real_heads_are_not_flagged(hc18_records):

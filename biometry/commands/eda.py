@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from biometry.commands._arguments import add_data_out_skip
+from biometry.commands.inspect import swap_fix_text
 from biometry.eda import run_eda
 from biometry.io import import_dataset
 
@@ -41,7 +42,7 @@ def summary_text(report: dict, out: Path, *, seconds: tuple[float, float]) -> st
         f"{report['source']}: {report['n_images']} images, {report['n_subjects']} subjects, "
         f"{len(report['skipped'])} skipped",
         f"BPD longer than OFD in {swap['n_swapped']} of {swap['n_rows']} rows"
-        + (" (columns swapped back)" if swap["fixed"] else "")
+        + swap_fix_text(swap)
         + (f"; after import: {len(swap['bpd_longer_than_ofd'])}" if swap["bpd_longer_than_ofd"]
            else ""),
         f"landmarks outside the image (kept): {report['outside_image']['n']} images",

@@ -68,7 +68,8 @@ def build_report(result: ImportResult, flagged: list[tuple[str, list[str]]]) -> 
             "n_rows": swap.n_rows,
             "n_swapped": swap.n_swapped,
             "majority_swapped": swap.majority_swapped,
-            "fixed": swap.majority_swapped,
+            "fixed": swap.n_swapped > 0,
+            "fixed_rows": [] if swap.majority_swapped else list(swap.swapped_rows),
         },
         "outside_image": cut_off_heads(records),
         "flagged": [{"image": name, "reasons": reasons} for name, reasons in flagged],
@@ -140,11 +141,18 @@ def summary_text(report: dict, out: Path) -> str:
                      f"max {hc['max_abs_diff_mm']:.3f} mm ({hc['worst']}) over {hc['n']} images")
     swap = report["swap"]
     lines.append(f"BPD longer than OFD in {swap['n_swapped']} of {swap['n_rows']} rows"
-                 + (" (columns swapped back)" if swap["fixed"] else ""))
+                 + swap_fix_text(swap))
     lines.append(outside_image_text(report["outside_image"]))
     lines.append(f"flagged: {len(report['flagged'])}, skipped: {len(report['skipped'])}")
     lines.append(f"wrote {out / 'landmarks.csv'}, {out / 'inspect.json'}, {len(report['overlays'])} overlays")
     return "\n".join(lines)
+
+
+def swap_fix_text(swap: dict) -> str:
+    """What the import did to the swapped rows, for the summary line."""
+    if swap["majority_swapped"]:
+        return " (columns swapped back)"
+    return " (each fixed: BPD and OFD exchanged)" if swap["fixed"] else ""
 
 
 def outside_image_text(section: dict, *, listed: int = 5) -> str:

@@ -1,5 +1,5 @@
 """Data import and export: every importer returns ``list[LandmarkRecord]`` through
-:func:`load_records`, which also fixes swapped BPD/OFD columns in one place.
+:func:`load_records`, which also fixes swapped BPD/OFD (columns or single rows) in one place.
 
 >>> from biometry.io import bundled_sample_path, load_records, split_by_subject
 >>> records = load_records(bundled_sample_path())
@@ -49,7 +49,7 @@ class ImportResult:
 
     Attributes:
         source: the data set path as given.
-        records: the records, BPD/OFD already exchanged when ``swap.majority_swapped``.
+        records: the records, BPD/OFD already exchanged in every row whose BPD was the longer.
         skipped: ``[(item, reason)]`` left out with ``skip_bad``.
         swap: swapped-row report on the landmarks as given.
     """
@@ -76,11 +76,11 @@ def import_dataset(path: str | Path, *, skip_bad: bool = False) -> ImportResult:
     """
     path = Path(path)
     if path.is_dir() and is_hc18_folder(path):
-        records, skipped = read_hc18(path, skip_bad=skip_bad)
+        records, skipped, rows = read_hc18(path, skip_bad=skip_bad)
     elif path.is_dir() and (path / LANDMARK_CSV_IN_FOLDER).is_file():
-        records, skipped = read_landmark_csv(path / LANDMARK_CSV_IN_FOLDER, skip_bad=skip_bad)
+        records, skipped, rows = read_landmark_csv(path / LANDMARK_CSV_IN_FOLDER, skip_bad=skip_bad)
     elif path.is_file():
-        records, skipped = read_landmark_csv(path, skip_bad=skip_bad)
+        records, skipped, rows = read_landmark_csv(path, skip_bad=skip_bad)
     elif path.is_dir():
         raise BiometryInputError(f"{path}: neither an HC18 folder (no {HC18_CSV}) nor a folder "
                                  f"with {LANDMARK_CSV_IN_FOLDER}")
@@ -93,5 +93,5 @@ def import_dataset(path: str | Path, *, skip_bad: bool = False) -> ImportResult:
               file=sys.stderr)
     if not records:
         raise BiometryInputError(f"{path}: no usable records")
-    records, swap = fix_swapped_semantics(records, str(path))
+    records, swap = fix_swapped_semantics(records, str(path), rows=rows)
     return ImportResult(path, records, skipped, swap)

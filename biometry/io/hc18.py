@@ -69,7 +69,8 @@ def is_hc18_folder(path: Path) -> bool:
 
 
 def read_hc18(folder: Path, *, skip_bad: bool = False, workers: int | None = None):
-    """Read an HC18-style folder: ``(records, skipped)`` with ``skipped = [(item, reason)]``.
+    """Read an HC18-style folder: ``(records, skipped, rows)`` with ``skipped = [(item, reason)]``
+    and ``rows`` a label per record (``"training_set_pixel_size_and_HC.csv row 3 (003_HC.png)"``).
 
     Each image and its mask or outline is decoded once, in a small thread pool (OpenCV releases
     the GIL). Bad items raise :class:`BiometryInputError` naming the file, or are skipped when
@@ -79,7 +80,9 @@ def read_hc18(folder: Path, *, skip_bad: bool = False, workers: int | None = Non
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(lambda row: _load_item(folder, *row), rows))
-    return collect(results, [filename for _, filename, *_ in rows], skip_bad=skip_bad)
+    return collect(results, [filename for _, filename, *_ in rows],
+                   [f"{HC18_CSV} row {row_no} ({filename})" for row_no, filename, *_ in rows],
+                   skip_bad=skip_bad)
 
 
 def _read_csv(path: Path) -> list[tuple[int, str, float, float | None]]:

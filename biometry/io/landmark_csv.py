@@ -38,7 +38,8 @@ def default_subject(name: str) -> str:
 
 
 def read_landmark_csv(path: Path, *, skip_bad: bool = False):
-    """Read a landmark CSV: ``(records, skipped)`` with ``skipped = [(item, reason)]``.
+    """Read a landmark CSV: ``(records, skipped, rows)`` with ``skipped = [(item, reason)]`` and
+    ``rows`` a label per record (``"row 3 (a.png)"``).
 
     Every image is decoded once, in a small thread pool (unreadable files are found here). A bad
     row raises :class:`BiometryInputError` naming the file, row (1-based, header excluded) and
@@ -55,21 +56,25 @@ def read_landmark_csv(path: Path, *, skip_bad: bool = False):
 
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
         results = list(pool.map(parse, enumerate(rows, start=1)))
-    return collect(results, [f"{path} row {n}" for n in range(1, len(rows) + 1)], skip_bad=skip_bad)
+    labels = [f"row {n} ({row['image']})" for n, row in enumerate(rows, start=1)]
+    return collect(results, [f"{path} row {n}" for n in range(1, len(rows) + 1)], labels,
+                   skip_bad=skip_bad)
 
 
-def collect(results: list, items: list[str], *, skip_bad: bool):
+def collect(results: list, items: list[str], labels: list[str], *, skip_bad: bool):
     """Split per-item results (a record or the BiometryInputError it raised) into
-    ``(records, skipped)``; without ``skip_bad`` the first error is raised."""
-    records, skipped = [], []
-    for item, result in zip(items, results):
+    ``(records, skipped, rows)``: ``rows`` labels each record (``"row 3 (a.png)"``) for messages.
+    Without ``skip_bad`` the first error is raised."""
+    records, skipped, rows = [], [], []
+    for item, label, result in zip(items, labels, results):
         if isinstance(result, BiometryInputError):
             if not skip_bad:
                 raise result
             skipped.append((item, str(result)))
         else:
             records.append(result)
-    return records, skipped
+            rows.append(label)
+    return records, skipped, rows
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
