@@ -347,7 +347,7 @@ OFD_COLOUR = "#ff8c00"
 
 def run_eda(records: Sequence[LandmarkRecord], out_dir: str | Path, *, source: str,
             swap_report: SwapReport | None = None, skipped: Sequence[tuple[str, str]] = (),
-            top: int = 12) -> dict:
+            repeated: Sequence[tuple[str, str]] = (), top: int = 12) -> dict:
     """Write the data report into ``out_dir`` and return the content of ``eda.json``.
 
     Files: ``report.md`` (Markdown with the PNGs of :data:`PLOTS`), ``outliers.csv``
@@ -361,6 +361,7 @@ def run_eda(records: Sequence[LandmarkRecord], out_dir: str | Path, *, source: s
         swap_report: the swap check of the data as given (``ImportResult.swap``); when None it is
             computed on ``records``.
         skipped: ``[(item, reason)]`` left out by the importer.
+        repeated: ``[(kept row, dropped row)]`` exact repeats the importer dropped.
         top: number of flagged images listed and drawn.
     """
     started = time.perf_counter()
@@ -405,6 +406,7 @@ def run_eda(records: Sequence[LandmarkRecord], out_dir: str | Path, *, source: s
         "outliers": _outliers_section(fit, table, n_flagged=len(flagged), top=top),
         "outside_image": cut_off_heads(records),
         "skipped": [{"item": item, "reason": reason} for item, reason in skipped],
+        "repeated_rows": [{"kept": kept, "dropped": dropped} for kept, dropped in repeated],
         "files": {"report": str(out / "report.md"), "outliers": str(out / "outliers.csv"),
                   "plots": [str(out / f"{name}.png") for name in PLOTS]},
     }
@@ -649,6 +651,8 @@ def _markdown(report: dict, table: list[OutlierRow], top: int) -> str:
         f"- outliers: {o['n_flagged']} of {report['n_images']} above the cutoff {o['cutoff']:.2f}",
         f"- heads cut by the frame: {_outside_text(report['outside_image'])}",
         f"- skipped on import: {len(report['skipped'])}",
+        f"- rows repeating an earlier row exactly, dropped on import: {len(report['repeated_rows'])}"
+        + "".join(f"; `{r['dropped']}` (= `{r['kept']}`)" for r in report["repeated_rows"][:20]),
         "",
         "## Counts and sizes",
         "![counts](counts.png)",

@@ -1,16 +1,24 @@
-"""Real data as it comes: a landmark outside the image (a head cut by the frame) reaches training.
+"""Real data as it comes: a landmark outside the image (a head cut by the frame) reaches training;
+an image listed twice is kept once when the rows agree and refused when they do not.
 
 The choice: such a landmark is not masked. Its target is the Gaussian at its true position, so
 only the tail of it lies on the map, highest at the border; the soft-argmax cannot leave the map,
 so the model learns a point near the border: its error is the landmark's distance outside (at
 most ``biometry.checks.OUTSIDE_MARGIN_FRAC`` of the image) plus up to one decoding window.
 """
+import argparse
+import csv
 import dataclasses
+import json
+import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from biometry.codec import HeatmapCodec
+from biometry.commands import inspect as inspect_command
+from biometry.errors import BiometryInputError
 from biometry.io import load_records
 from biometry.losses import LossConfig, biometry_loss
 from biometry.models import create_model
@@ -72,3 +80,43 @@ def test_augmentation_keeps_a_landmark_outside_the_input(synthetic_csv):
         assert torch.isfinite(heatmaps).all()
         outside += int(codec.keypoint_weights(keypoints.numpy()).min() == 0)
     assert outside > 0
+
+
+def repeat_row(path, row: int, **changes) -> None:
+    """Append a copy of data row ``row`` (1-based) to the CSV at ``path``, with ``changes``."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows.append({**rows[row - 1], **changes})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def csv_copy(synthetic_csv, tmp_path):
+    shutil.copytree(synthetic_csv.parent, tmp_path / "data")
+    return tmp_path / "data" / synthetic_csv.name
+
+
+def test_an_image_listed_twice_with_other_landmarks_is_refused_naming_both_rows(csv_copy):
+    n = len(load_records(csv_copy))
+    repeat_row(csv_copy, 2, ofd_x1="80.5")
+    with pytest.raises(BiometryInputError) as err:
+        load_records(csv_copy)
+    assert str(err.value) == (f"{csv_copy}: row 2 (000_2HC.png) and row {n + 1} (000_2HC.png) name "
+                              "the same image with different landmarks, pixel size or HC")
+
+
+def test_an_exact_repeat_is_kept_once_and_reported(csv_copy, tmp_path, capsys):
+    n = len(load_records(csv_copy))
+    repeat_row(csv_copy, 3)
+    out = tmp_path / "out"
+    assert inspect_command.run(argparse.Namespace(data=str(csv_copy), out=str(out), skip_bad=False,
+                                                  overlays=0)) == 0
+    report = json.loads((out / "inspect.json").read_text())
+    assert report["n_images"] == n
+    assert report["repeated_rows"] == [{"kept": "row 3 (001_HC.png)",
+                                        "dropped": f"row {n + 1} (001_HC.png)"}]
+    assert (f"warning: {csv_copy}: 1 rows repeat an earlier row exactly and were dropped: "
+            f"row {n + 1} (001_HC.png) (= row 3 (001_HC.png))") in capsys.readouterr().err

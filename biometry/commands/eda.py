@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     result = import_dataset(args.data, skip_bad=args.skip_bad)
     imported = time.perf_counter() - started
     report = run_eda(result.records, args.out, source=str(args.data), swap_report=result.swap,
-                     skipped=result.skipped, top=args.top)
+                     skipped=result.skipped, repeated=result.repeated, top=args.top)
     print(summary_text(report, Path(args.out), seconds=(imported, time.perf_counter() - started)))
     return 0
 

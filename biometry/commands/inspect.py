@@ -74,6 +74,7 @@ def build_report(result: ImportResult, flagged: list[tuple[str, list[str]]]) -> 
         "outside_image": cut_off_heads(records),
         "flagged": [{"image": name, "reasons": reasons} for name, reasons in flagged],
         "skipped": [{"item": item, "reason": reason} for item, reason in result.skipped],
+        "repeated_rows": [{"kept": kept, "dropped": dropped} for kept, dropped in result.repeated],
     }
 
 
@@ -143,7 +144,8 @@ def summary_text(report: dict, out: Path) -> str:
     lines.append(f"BPD longer than OFD in {swap['n_swapped']} of {swap['n_rows']} rows"
                  + swap_fix_text(swap))
     lines.append(outside_image_text(report["outside_image"]))
-    lines.append(f"flagged: {len(report['flagged'])}, skipped: {len(report['skipped'])}")
+    lines.append(f"flagged: {len(report['flagged'])}, skipped: {len(report['skipped'])}, "
+                 f"repeated rows dropped: {len(report['repeated_rows'])}")
     lines.append(f"wrote {out / 'landmarks.csv'}, {out / 'inspect.json'}, {len(report['overlays'])} overlays")
     return "\n".join(lines)
 

@@ -8,9 +8,12 @@
 """
 from __future__ import annotations
 
+import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from biometry.checks import SwapReport, fix_swapped_semantics
 from biometry.errors import BiometryInputError
@@ -52,12 +55,15 @@ class ImportResult:
         records: the records, BPD/OFD already exchanged in every row whose BPD was the longer.
         skipped: ``[(item, reason)]`` left out with ``skip_bad``.
         swap: swapped-row report on the landmarks as given.
+        repeated: ``[(kept row, dropped row)]``: rows naming an image an earlier row names with
+            the same label, dropped.
     """
 
     source: Path
     records: list[LandmarkRecord]
     skipped: list[tuple[str, str]]
     swap: SwapReport
+    repeated: list[tuple[str, str]] = field(default_factory=list)
 
 
 def load_records(path: str | Path, *, skip_bad: bool = False) -> list[LandmarkRecord]:
@@ -93,5 +99,39 @@ def import_dataset(path: str | Path, *, skip_bad: bool = False) -> ImportResult:
               file=sys.stderr)
     if not records:
         raise BiometryInputError(f"{path}: no usable records")
+    records, rows, repeated = drop_repeated_images(records, rows, source=str(path))
     records, swap = fix_swapped_semantics(records, str(path), rows=rows)
-    return ImportResult(path, records, skipped, swap)
+    return ImportResult(path, records, skipped, swap, repeated)
+
+
+def drop_repeated_images(records: list[LandmarkRecord], rows: list[str], *, source: str):
+    """Keep the first of the rows naming the same image file: ``(records, rows, repeated)``.
+
+    A repeat with the same landmarks (to 1e-3 px), pixel size and HC is dropped, listed in
+    ``repeated = [(kept row, dropped row)]`` and named in one warning line; one with a different
+    label raises :class:`BiometryInputError` naming both rows, since either may be the right one.
+    """
+    first: dict[Path, int] = {}
+    kept, kept_rows, repeated = [], [], []
+    for record, row in zip(records, rows):
+        index = first.setdefault(Path(record.image).resolve(), len(kept))
+        if index == len(kept):
+            kept.append(record)
+            kept_rows.append(row)
+        elif same_label(kept[index], record):
+            repeated.append((kept_rows[index], row))
+        else:
+            raise BiometryInputError(f"{source}: {kept_rows[index]} and {row} name the same image "
+                                     "with different landmarks, pixel size or HC")
+    if repeated:
+        named = ", ".join(f"{dropped} (= {earlier})" for earlier, dropped in repeated[:10])
+        print(f"warning: {source}: {len(repeated)} rows repeat an earlier row exactly and were "
+              f"dropped: {named}" + (" ..." if len(repeated) > 10 else ""), file=sys.stderr)
+    return kept, kept_rows, repeated
+
+
+def same_label(a: LandmarkRecord, b: LandmarkRecord) -> bool:
+    same_hc = (a.hc_mm is None) == (b.hc_mm is None) and (
+        a.hc_mm is None or math.isclose(a.hc_mm, b.hc_mm, rel_tol=1e-6))
+    return (bool(np.allclose(a.landmarks, b.landmarks, atol=1e-3))
+            and math.isclose(a.pixel_mm, b.pixel_mm, rel_tol=1e-6) and same_hc)
