@@ -29,6 +29,7 @@ from biometry.onnx_model import (
 )
 
 OPSET = 17
+OPSETS = range(11, 21)  # from the resize semantics the models use to the exporter's last
 CHECK_BATCHES = (1, 3)  # the exported graph is compared with the torch network at these sizes
 MAX_MAP_DIFFERENCE = 1e-3  # largest output-map difference an export may show
 
@@ -52,6 +53,9 @@ def export_onnx(model_folder: str | Path, out: str | Path, *, opset: int = OPSET
     """
     from biometry.inference import load_model_folder, write_model_spec
 
+    if opset not in OPSETS:
+        raise BiometryInputError(f"--opset must be between {OPSETS[0]} and {OPSETS[-1]} but got "
+                                 f"{opset}")
     model, spec = load_model_folder(model_folder)
     if any(isinstance(module, OnnxNetwork) for module in model.modules()):
         raise BiometryInputError(f"{model_folder}: already an exported model folder")

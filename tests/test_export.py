@@ -168,3 +168,10 @@ def test_export_refuses_a_torch_model_folder_as_out_and_an_exported_folder_as_mo
         export_onnx(LEGACY / "single", LEGACY / "ensemble_maps")
     with pytest.raises(BiometryInputError, match="already an exported model folder"):
         export_onnx(exported["single"], exported["single"].parent / "again")
+
+
+def test_an_opset_the_exporter_lacks_is_one_line(tmp_path, capsys):
+    assert main(["export", "--model", str(LEGACY / "single"), "--out", str(tmp_path / "out"),
+                 "--opset", "99"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --opset must be between 11 and 20 but got 99"
+    assert not (tmp_path / "out").exists()

@@ -22,14 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what the network is exported as (default onnx)")
     add_out(parser)
     parser.add_argument("--opset", type=int, default=None, metavar="N",
-                        help="ONNX opset version (default: the exporter's 17)")
+                        help="ONNX opset version, 11 to 20 (default 17)")
 
 
 def run(args: argparse.Namespace) -> int:
     from biometry.export import OPSET, export_onnx
 
     check_model_folder(args.model)
-    exported = export_onnx(args.model, args.out, opset=args.opset or OPSET)
+    exported = export_onnx(args.model, args.out, opset=OPSET if args.opset is None else args.opset)
     files = ", ".join(str(exported.folder / name) for name in exported.files)
     print(f"wrote {files}; the output maps match the torch network's to "
           f"{exported.max_map_difference:.2g} on random input")
