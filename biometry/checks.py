@@ -101,6 +101,7 @@ def implausible_rows(
     max_angle_deviation_deg: float = 20.0,
     max_centre_offset_frac: float = 0.1,
     min_ratio: float = 0.55,
+    max_pixel_mm_factor: float = 4.0,
 ) -> list[tuple[str, list[str]]]:
     """Records whose landmarks do not look like the two axes of a head, with the reasons.
 
@@ -111,6 +112,8 @@ def implausible_rows(
         max_centre_offset_frac: flag when the two midpoints are further apart than this fraction
             of the OFD length.
         min_ratio: flag when BPD / OFD (the cephalic index) is below this.
+        max_pixel_mm_factor: flag a pixel size more than this factor above or below the median of
+            ``records`` (HC18's spacings span 0.38x to 3.1x their median; a mm/cm slip is 10x).
 
     Returns ``[(record.name, reasons)]`` in record order, only for records with reasons, e.g.
     ``("017_HC.png", ["bpd longer than ofd", "angle 62 deg far from 90"])``.
@@ -121,6 +124,8 @@ def implausible_rows(
     bpd, ofd = diameter_lengths(lm)
     angle = diameter_angle_deg(lm)
     offset = centre_offset(lm)
+    pixel_factor = np.array([r.pixel_mm for r in records], dtype=float)
+    pixel_factor /= np.median(pixel_factor)
     flagged = []
     for i, record in enumerate(records):
         reasons = []
@@ -134,6 +139,8 @@ def implausible_rows(
             reasons.append(f"angle {angle[i]:.0f} deg far from 90")
         if offset[i] > max_centre_offset_frac * max(bpd[i], ofd[i]):
             reasons.append(f"centres {offset[i]:.0f} px apart")
+        if max(pixel_factor[i], 1 / pixel_factor[i]) > max_pixel_mm_factor:
+            reasons.append(f"pixel size {record.pixel_mm:g} mm, {pixel_factor[i]:.2g}x the median")
         if reasons:
             flagged.append((record.name, reasons))
     return flagged

@@ -126,3 +126,10 @@ def test_implausible_reasons():
     with pytest.raises(TypeError):
         implausible_rows(records, 30)
     assert implausible_rows([]) == []
+
+
+def test_a_pixel_size_far_from_the_rest_is_flagged():
+    records = [dataclasses.replace(record(HEAD, f"{i}.png"), pixel_mm=0.12 + 0.01 * i) for i in range(5)]
+    records.append(dataclasses.replace(record(HEAD, "cm.png"), pixel_mm=1.4))  # mm typed as 10x
+    assert implausible_rows(records) == [("cm.png", ["pixel size 1.4 mm, 9.7x the median"])]
+    assert implausible_rows(records, max_pixel_mm_factor=20) == []
