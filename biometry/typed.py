@@ -50,6 +50,8 @@ def coerce(value: Any, hint: Any, *, key: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if type(value) in args and type(value) in (int, str, bool):  # ``float | int``: keep ints
+            return value
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -60,6 +62,8 @@ def coerce(value: Any, hint: Any, *, key: str, source: str) -> Any:
         return value
     if hint in (str, bool) and isinstance(value, hint):
         return value
+    if hint in (tuple, list) and isinstance(value, (list, tuple)):
+        return hint(value)
     if origin in (tuple, list) and isinstance(value, (list, tuple)):
         item = args[0] if args else Any
         items = [v if item in (Any, Ellipsis) else coerce(v, item, key=key, source=source)

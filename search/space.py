@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from biometry.errors import BiometryInputError
+from biometry.typed import from_mapping
 from trainables.config import SECTIONS
 
 # virtual keys: sampled as one number, expanded into a real config key
@@ -215,28 +216,31 @@ def _distribution(key: str, spec: Any, source: str, where: str) -> Distribution:
     if not isinstance(spec, dict):
         raise BiometryInputError(f"{source}: '{where}' must be a mapping such as "
                                  f"{{low: 0, high: 1}} or {{choices: [a, b]}}")
-    allowed = {f.name for f in dataclasses.fields(Distribution)} - {"key"}
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
+    unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(Distribution)} | (
+        {"key"} & set(spec)))
+    if unknown:  # before the bounds: a misspelt 'choices' is named as what it is
         raise BiometryInputError(f"{source}: unknown key '{where}.{unknown[0]}'")
     if "choices" in spec:
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
             raise BiometryInputError(f"{source}: '{where}.choices' must be a non-empty list")
-        return Distribution(key=key, choices=tuple(choices))
-    for bound in ("low", "high"):
-        value = spec.get(bound)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise BiometryInputError(f"{source}: '{where}.{bound}' must be a number but got "
-                                     f"{value!r}")
-    low, high = spec["low"], spec["high"]
+    if "choices" not in spec:
+        for bound in ("low", "high"):
+            value = spec.get(bound)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value)):
+                raise BiometryInputError(f"{source}: '{where}.{bound}' must be a number but got "
+                                         f"{value!r}")
+    typed = from_mapping(Distribution, spec, source=source, section=where,
+                         base=Distribution(key=key))
+    if typed.choices is not None:
+        return typed
+    low, high = typed.low, typed.high
     if low > high:
         raise BiometryInputError(f"{source}: '{where}' has low {low} > high {high}")
-    log = bool(spec.get("log", False))
-    if log and low <= 0:
+    if typed.log and low <= 0:
         raise BiometryInputError(f"{source}: '{where}.low' must be positive for log but got {low}")
-    return Distribution(key=key, low=low, high=high, log=log, step=spec.get("step"),
-                        zero=bool(spec.get("zero", False)))
+    return typed
 
 
 def _check_config_key(key: str, source: str, where: str) -> None:
