@@ -167,12 +167,11 @@ def plain_worker(job_path: str) -> int:
 
 
 def plain_loop(job: dict) -> dict:
-    import copy
 
     import optuna
 
     from search.space import space_from_dict, trial_overrides
-    from trainables.config import config_from_dict, set_dotted
+    from trainables.config import config_from_dict, with_overrides
     from trainables.data import prepare_splits
     from trainables.train import OBJECTIVE, run_trial
 
@@ -192,9 +191,7 @@ def plain_loop(job: dict) -> dict:
     deadline = started + budget_s
 
     def objective(trial: optuna.Trial) -> float:
-        raw = copy.deepcopy(base)
-        for key, value in trial_overrides(space(trial)).items():
-            set_dotted(raw, key, value)
+        raw, _ = with_overrides(base, trial_overrides(space(trial)))  # as the search's trainable
         cfg = config_from_dict(raw, source="benchmark trial")
 
         def report(metrics: dict, _checkpoint: Path) -> None:

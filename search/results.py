@@ -46,9 +46,19 @@ def best_epoch(history) -> tuple[Any, dict[str, float]]:
 
 
 def reported_metrics(metrics) -> dict[str, float]:
-    """The figures a summary keeps of a report (a dict or a history row): mm, nme, ranking."""
-    return {k: float(metrics[k]) for k in metrics.keys()
-            if k.endswith("_mm") or k in ("nme", "unc_spearman", "aurc")}
+    """The figures a summary keeps of a report (a dict or a history row): mm, nme, ranking.
+    The post-processing sweep's own figures (``postprocess.*``) are reported apart."""
+    keys = [k for k in metrics.keys() if not str(k).startswith("postprocess.")
+            and (str(k).endswith("_mm") or k in ("nme", "unc_spearman", "aurc"))]
+    return {k: float(metrics[k]) for k in keys if _is_number(metrics[k])}
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool)
 
 
 def export_best_checkpoint(result, destination: Path) -> None:

@@ -215,6 +215,17 @@ def test_the_local_dashboard_listens_on_loopback_only():
     assert hosts and all(h.strip() in ('"127.0.0.1"', "'127.0.0.1'") for h in hosts), hosts
 
 
+def loopback_default(path: Path, host: str) -> str:
+    """``host`` itself, or for a shell variable the default the script gives it
+    (``ML_HOST=${MLFLOW_HOST:-127.0.0.1}``: loopback unless the caller binds elsewhere)."""
+    if not host.startswith("$"):
+        return host
+    name = host.lstrip("$").strip("{}")
+    text = (REPO / path).read_text(encoding="utf-8", errors="replace")
+    m = re.search(rf"^{name}=\$\{{\w+:-([\w.:]+)\}}", text, re.M)
+    return m.group(1) if m else host
+
+
 def test_scripts_start_mlflow_servers_on_loopback():
     """Every ``mlflow server`` a script or test starts on this machine listens on 127.0.0.1
     (containers and pods are covered by tests/test_cluster_config.py)."""
@@ -226,7 +237,7 @@ def test_scripts_start_mlflow_servers_on_loopback():
             if host:
                 starts.append((path.relative_to(REPO), host.group(1).strip("\"'")))
     assert starts, "no mlflow server start found: the search is broken"
-    exposed = [f"{p}: --host {h}" for p, h in starts if h != "127.0.0.1"]
+    exposed = [f"{p}: --host {h}" for p, h in starts if loopback_default(p, h) != "127.0.0.1"]
     assert not exposed, f"mlflow server not on loopback: {exposed}"
 
 
