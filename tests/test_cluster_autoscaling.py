@@ -11,8 +11,6 @@ ports and /tmp), with the same settings.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -24,9 +22,8 @@ import pytest
 import yaml
 
 from tests.test_cluster_fit import launcher_node_shapes
-from tests.test_cluster_hosts import BIN, Network, REPO, _ensure_iproute2
+from tests.test_cluster_hosts import BIN, REPO, Network, open_network
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 IDLE_TIMEOUT_MIN = 0.5  # long enough for the driver to start its trials on the new node
 
 NODES_SCRIPT = """
@@ -73,13 +70,10 @@ def gpu_like_preset(path: Path) -> Path:
 @pytest.fixture
 def network():
     root = Path(tempfile.mkdtemp(prefix="bma-", dir="/var/tmp"))
-    _ensure_iproute2()
-    net = Network(root=root, marker=secrets.token_hex(6))
     try:
-        net.create()
-        yield net
+        with open_network(root) as net:
+            yield net
     finally:
-        net.destroy()
         shutil.rmtree(root, ignore_errors=True)
 
 

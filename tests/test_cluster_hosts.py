@@ -17,6 +17,8 @@ namespaces and the bridge are deleted afterwards.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import random
@@ -41,7 +43,6 @@ MLFLOW_SCRIPT = REPO / "cluster" / "mlflow" / "local_server.sh"
 MARKER = "BIOMETRY_HOSTS_TEST"
 EPOCHS = 5
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 
 def _run(*argv: str) -> None:
@@ -185,10 +186,14 @@ def root():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def network(root):
-    if any(str(p).startswith("/tmp/") for p in (REPO, Path(sys.executable).resolve())):
-        pytest.skip("the repository or Python is under /tmp, which each emulated host replaces")
+@contextlib.contextmanager
+def open_network(root: Path):
+    """A bridge with one namespace per host under ``root``, torn down afterwards. Network
+    namespaces need root, as CI runs; each host mounts its own /tmp, so neither the repository nor
+    Python may live there."""
+    assert os.geteuid() == 0, "network namespaces need root (CI runs the tests as root)"
+    assert not any(str(p).startswith("/tmp/") for p in (REPO, Path(sys.executable).resolve())), \
+        "the repository or Python is under /tmp, which each emulated host replaces"
     _ensure_iproute2()
     net = Network(root=root, marker=secrets.token_hex(6))
     try:
@@ -196,6 +201,12 @@ def network(root):
         yield net
     finally:
         net.destroy()
+
+
+@pytest.fixture(scope="module")
+def network(root):
+    with open_network(root) as net:
+        yield net
 
 
 @pytest.fixture(scope="module")

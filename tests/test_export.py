@@ -19,9 +19,10 @@ from biometry.inference import LandmarkPredictor, load_model_folder, save_model_
 from biometry.io.images import read_grayscale
 from biometry.models import create_model, list_models
 from biometry.onnx_model import OnnxNetwork
+from tests.legacy_models import legacy_root
 
 REPO = Path(__file__).resolve().parents[1]
-LEGACY = REPO / "tests" / "data" / "legacy_model"
+LEGACY = legacy_root()  # tests/data/legacy_model with its model.pt files written
 SAMPLE = REPO / "biometry" / "sample_data" / "hc18_sample"
 FOLDERS = ("single", "ensemble_median", "ensemble_maps")
 MAX_PX = 0.05  # the parity target, in original image pixels

@@ -14,9 +14,10 @@ from biometry.errors import BiometryInputError
 from biometry.inference import LandmarkPredictor, load_model_folder, load_model_spec
 from biometry.io.images import read_grayscale
 from biometry.postprocess import Prediction, Step, create_steps, register_step, with_settings
+from tests.legacy_models import legacy_root
 
 REPO = Path(__file__).resolve().parents[1]
-LEGACY = REPO / "tests" / "data" / "legacy_model"
+LEGACY = legacy_root()  # tests/data/legacy_model with its model.pt files written
 SAMPLE = REPO / "biometry" / "sample_data" / "hc18_sample"
 # the variants tests/data/legacy_model/reference.npz holds, as --set changes of the loaded steps
 VARIANTS = {
