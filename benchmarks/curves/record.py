@@ -24,7 +24,6 @@ fidelity, space, base trial, machine, git commit of every run and the count done
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import datetime as _dt
 import fcntl
@@ -70,41 +69,17 @@ def trial_config(base_trial: dict, sampled: dict, *, data_path: str | None, inpu
     """The preset's base trial (its ``trial:`` section, as the driver hands it to every trial)
     with the sampled dotted keys set, then the recording's fixed settings: data, input size,
     trial length, one CPU thread."""
-    from trainables.config import config_from_dict, set_dotted
+    from trainables.config import config_from_dict, with_overrides
 
-    raw = copy.deepcopy(base_trial)
-    for key, value in sampled.items():
-        set_dotted(raw, key, value)
     fixed = {"data.path": data_path, "data.input_h": input_hw[0], "data.input_w": input_hw[1],
              "train.epochs": epochs, "train.num_workers": num_workers, "train.threads": threads,
              "train.device": "cpu"}
     if limit:
         fixed["data.limit"] = limit
-    for key, value in fixed.items():
-        set_dotted(raw, key, value)
-    _drop_mask_steps_without_mask(raw)
+    # as the search's trainable applies a sample: a config without the mask channel drops the
+    # mask steps and their sweep variants
+    raw, _ = with_overrides(base_trial, {**sampled, **fixed})
     return config_from_dict(raw, source="recorded config")
-
-
-def _drop_mask_steps_without_mask(raw: dict) -> None:
-    """A sampled ``loss.mask_weight`` of 0 leaves no mask channel: the base trial's
-    post-processing steps that need one (``inference.postprocess``, where the config has that
-    section) are dropped for that config, as the first config format's ``train.mask_fallback``
-    was ignored without a mask."""
-    steps = (raw.get("inference") or {}).get("postprocess")
-    if not steps or float((raw.get("loss") or {}).get("mask_weight", 0) or 0) > 0:
-        return
-    try:
-        from biometry.postprocess import create_step
-    except ImportError:
-        return
-    kept = [s for s in steps if "mask" not in create_step(s).needs]
-    dropped = {create_step(s).name for s in steps} - {create_step(s).name for s in kept}
-    raw["inference"]["postprocess"] = kept
-    sweep = raw["inference"].get("sweep")
-    if isinstance(sweep, dict):  # and the variants of those steps that a sweep would try
-        raw["inference"]["sweep"] = {k: v for k, v in sweep.items()
-                                     if str(k).partition(".")[0] not in dropped}
 
 
 # -- sampling through the driver's define-by-run space ---------------------------------------------
